@@ -1,0 +1,96 @@
+"""Defaults in code, then a YAML `--config`, then CLI flags; the resolved config is saved with the git SHA."""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from runkit.atomic import atomic_write_text
+from runkit.errors import UserError
+
+_SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+
+
+def parse_layered(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` with the values of `--config FILE.yaml` as defaults, so explicit flags still win.
+
+    The parser must define `--config`. YAML keys use the flag names with '_' or '-'. An unknown key is a
+    UserError rather than a silently ignored typo.
+    """
+    pre, _ = parser.parse_known_args(argv)
+    cfg_path = getattr(pre, "config", None)
+    if cfg_path:
+        values = load_yaml(cfg_path)
+        known = {a.dest for a in parser._actions}
+        fixed = {}
+        for k, v in values.items():
+            dest = str(k).replace("-", "_")
+            if dest not in known:
+                raise UserError(f"{cfg_path}: unknown key {k!r} (known: {', '.join(sorted(known - {'help'}))})")
+            fixed[dest] = v
+        parser.set_defaults(**fixed)
+    return parser.parse_args(argv)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
+    return data
+
+
+def git_sha(cwd: str | Path | None = None) -> str | None:
+    """The commit of the code that ran, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    if out.returncode != 0 or not sha:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=cwd or Path(__file__).resolve().parent, capture_output=True, text=True)
+    return sha + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def scrub_secrets(obj: Any) -> Any:
+    """Drop values whose key looks like a credential: no API key is ever written to a run folder."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if _SECRET.search(str(k)) else scrub_secrets(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_secrets(v) for v in obj]
+    return obj
+
+
+def to_plain(obj: Any) -> Any:
+    """Namespace/Path/tuple -> YAML-safe builtins."""
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_resolved(config: argparse.Namespace | dict, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config plus the git SHA into the run folder."""
+    data = scrub_secrets(to_plain(config))
+    data = {**data, "git_sha": git_sha()}
+    return atomic_write_text(Path(out_dir) / name, yaml.safe_dump(data, sort_keys=False))
