@@ -1,0 +1,69 @@
+"""Batched Models Genesis transforms vs the per-sample numpy port of the reference, on CPU, side by side.
+
+    python benchmarks/bench_transforms.py [--sizes 128 224] [--batch 64] [--reps 5]
+
+Both run single-threaded by default (the numpy port is; the machine is shared), with the reference's
+probabilities. Rows: images/s per implementation and size. The final line is the smallest speed-up over sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import genesis_reference as ref
+
+from pretrain.transforms import GenesisConfig, genesis_batch
+
+
+def _time(fn, reps: int) -> float:
+    """Median seconds of `reps` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure(size: int, args) -> tuple[int, float, float, float]:
+    cfg = GenesisConfig()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 1, size, size, generator=g)
+    xn = x.double().numpy()
+    seeds = iter(range(10_000))
+    t_ref = _time(lambda: ref.genesis_batch_numpy(xn, cfg, seed=next(seeds)), args.ref_reps)
+    t_bat = _time(lambda: genesis_batch(x, cfg, g), args.reps)
+    return size, args.batch / t_ref, args.batch / t_bat, t_ref / t_bat
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5, help="timed calls of the batched version per size")
+    ap.add_argument("--ref-reps", type=int, default=1, help="timed batches of the numpy port per size")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for the batched version")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [_measure(size, args) for size in tqdm(args.sizes, desc="sizes")]
+
+    print(f"\nModels Genesis transforms, CPU, batch {args.batch}, torch threads {args.threads}")
+    print(f"{'size':>6} | {'numpy reference img/s':>22} | {'batched img/s':>14} | {'speed-up':>8}")
+    print("-" * 62)
+    for size, r, b, s in rows:
+        print(f"{size:>6} | {r:>22.1f} | {b:>14.1f} | {s:>7.1f}x")
+    worst = float(np.min([s for *_, s in rows]))
+    print(f"batched vs numpy reference: {worst:.1f}x (goal >= 20x)")
+
+
+if __name__ == "__main__":
+    main()
