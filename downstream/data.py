@@ -1,0 +1,153 @@
+"""Downstream data sets are small (hundreds to a few thousand images): stream the shards once in eval mode
+into an in-memory `ImageSet`, then every epoch, seed, split repeat and Tune trial reuses it.
+
+Label selection lives here too, so "NIH No Finding -> normal" is decided in exactly one place.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runkit.errors import UserError
+from shards.record import NIH_FINDINGS, SEVERITY_RANGES
+
+DIAGNOSIS_CLASSES = ("covid", "pneumonia", "normal")
+SEVERITY_TARGETS = tuple(SEVERITY_RANGES)  # geographic_mean (0-8), opacity_mean (0-6)
+
+
+def diagnosis_target(rec: dict) -> int | None:
+    """covid/pneumonia/normal index, or None to drop ("other", unknown, NIH images with other findings).
+
+    NIH has no diagnosis field: "No Finding" is normal and any image labelled Pneumonia is pneumonia (seed 004).
+    """
+    labels = rec.get("labels") or {}
+    dx = labels.get("diagnosis")
+    if dx in DIAGNOSIS_CLASSES:
+        return DIAGNOSIS_CLASSES.index(dx)
+    findings = labels.get("findings")
+    if dx is None and findings is not None:
+        if len(findings) == 0:
+            return DIAGNOSIS_CLASSES.index("normal")
+        if "Pneumonia" in findings:
+            return DIAGNOSIS_CLASSES.index("pneumonia")
+    return None
+
+
+def findings_target(rec: dict) -> np.ndarray | None:
+    """14-dim multi-hot in shards.record.NIH_FINDINGS order; None where findings are unknown."""
+    findings = (rec.get("labels") or {}).get("findings")
+    if findings is None:
+        return None
+    return np.array([1.0 if f in findings else 0.0 for f in NIH_FINDINGS], dtype=np.float32)
+
+
+def severity_target(rec: dict) -> np.ndarray | None:
+    """[geographic_mean, opacity_mean] where both are known (joined from covid-severity-scores.csv)."""
+    sev = (rec.get("labels") or {}).get("severity")
+    if not sev:
+        return None
+    try:
+        return np.array([float(sev[t]) for t in SEVERITY_TARGETS], dtype=np.float32)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass
+class ImageSet:
+    """uint8 images [N,1,S,S] (4x smaller than float) + targets + the shard records they came from."""
+
+    images: torch.Tensor
+    targets: np.ndarray
+    records: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def groups(self) -> np.ndarray:
+        """Patient groups for splitting; source-qualified so equal ids of two data sets stay apart."""
+        if not self.records:
+            return np.arange(len(self))
+        return np.array([f"{r.get('source', '')}:{r.get('patient_id') or r.get('key')}" for r in self.records])
+
+    @property
+    def splits(self) -> np.ndarray:
+        return np.array([r.get("split", "") for r in self.records]) if self.records else np.array([""] * len(self))
+
+    def subset(self, idx) -> ImageSet:
+        idx = np.asarray(idx, dtype=int)
+        return ImageSet(self.images[torch.as_tensor(idx)], self.targets[idx],
+                        [self.records[i] for i in idx] if self.records else [])
+
+    def float_images(self, idx=None) -> torch.Tensor:
+        x = self.images if idx is None else self.images[torch.as_tensor(np.asarray(idx, dtype=int))]
+        return x.float().div_(255.0)
+
+
+def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+def _urls(spec) -> list[str]:
+    from shards.stream import expand_urls
+
+    parts = spec if isinstance(spec, (list, tuple)) else [spec]
+    urls: list[str] = []
+    for part in parts:
+        for item in str(part).split():
+            p = Path(item)
+            if p.is_dir():
+                found = sorted(str(t) for t in p.glob("*.tar"))
+                if not found:
+                    raise UserError(f"shard folder {p} holds no *.tar shards")
+                urls.extend(found)
+            else:
+                urls.extend(expand_urls(item))
+    if not urls:
+        raise UserError(f"no shards in {spec!r}")
+    return urls
+
+
+def load_shards(spec, select: Callable[[dict], object], *, image_size: int, batch_size: int = 64,
+                num_workers: int = 0, desc: str = "loading shards") -> ImageSet:
+    """Stream shard folders / specs once (eval mode) and keep the samples `select` labels."""
+    from tqdm import tqdm
+
+    from shards.stream import make_loader
+
+    urls = _urls(spec)
+    loader = make_loader(urls, mode="eval", batch_size=batch_size, select=select, image_size=image_size,
+                         num_workers=num_workers)
+    images, targets, records = [], [], []
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        images.append(images_to_uint8(batch["image"]))
+        t = batch["target"]
+        targets.append(t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
+        records.extend(batch["record"])
+    if not images:
+        raise UserError(f"no usable samples in {len(urls)} shard file(s) for this task (check the labels)")
+    return ImageSet(torch.cat(images), np.concatenate(targets), records)
+
+
+def split_indices(data: ImageSet, *, seed: int = 0, resplit: bool = False,
+                  fractions=(0.64, 0.16, 0.20)) -> dict[str, np.ndarray]:
+    """train/val/test indices: the records' own patient-grouped splits, or (resplit, or a split is empty)
+    a class-stratified, patient-grouped random split with the same 64/16/20 proportions."""
+    splits = data.splits
+    if not resplit and all((splits == s).any() for s in ("train", "val", "test")):
+        return {s: np.flatnonzero(splits == s) for s in ("train", "val", "test")}
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = data.targets if data.targets.ndim == 1 else np.zeros(len(data), dtype=int)
+    groups = data.groups
+    n_test = max(2, round(1 / fractions[2]))
+    outer = StratifiedGroupKFold(n_splits=n_test, shuffle=True, random_state=seed)
+    rest, test = next(outer.split(np.zeros(len(y)), y, groups))
+    n_val = max(2, round((1 - fractions[2]) / fractions[1]))
+    inner = StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=seed + 1)
+    tr, va = next(inner.split(np.zeros(len(rest)), y[rest], groups[rest]))
+    return {"train": np.sort(rest[tr]), "val": np.sort(rest[va]), "test": np.sort(test)}

@@ -1,0 +1,116 @@
+"""3-class diagnosis (COVID-19 / pneumonia / normal, seed 004) on any backbone.
+
+`train_diagnosis(config, ...)` is the library entry point (Ray Tune calls it with a per-epoch `report`);
+`write_outputs` turns its result into DIR/metrics.json, the confusion-matrix PNG and Score-CAM overlays.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from downstream.backbones import Backbone, load_backbone
+from downstream.data import DIAGNOSIS_CLASSES, ImageSet, diagnosis_target, load_shards, split_indices
+from downstream.finetune import FINETUNE_DEFAULTS, Classifier, fit, predict, resolve
+from downstream.metrics import classification_metrics, to_jsonable
+from runkit.errors import UserError
+
+DIAGNOSIS_DEFAULTS = {
+    **FINETUNE_DEFAULTS,
+    "backbone": "scratch:densenet121", "image_size": None, "shards": None,
+    "resplit": False, "split_seed": 0, "scorecam_per_class": 2, "scorecam_max_channels": 256,
+}
+
+
+def evaluate_probs(probs: np.ndarray, targets: np.ndarray) -> dict:
+    return classification_metrics(targets, probs, DIAGNOSIS_CLASSES)
+
+
+def load_diagnosis_data(shards, image_size: int, **kw) -> ImageSet:
+    return load_shards(shards, diagnosis_target, image_size=image_size, desc="diagnosis shards", **kw)
+
+
+def check_classes(data: ImageSet, splits: dict) -> None:
+    train = data.targets[splits["train"]]
+    missing = [c for i, c in enumerate(DIAGNOSIS_CLASSES) if not (train == i).any()]
+    if missing:
+        raise UserError(f"the training split has no {', '.join(missing)} images; add shards with those classes")
+    for s in ("val", "test"):
+        if len(splits[s]) == 0:
+            raise UserError(f"the {s} split is empty; use more data or resplit")
+
+
+def train_diagnosis(config: dict, *, data: ImageSet | None = None, splits: dict | None = None,
+                    backbone: Backbone | None = None, report: Callable[[dict], object] | None = None,
+                    log: Callable[[dict, int], None] | None = None) -> dict:
+    """Fine-tune a diagnosis head; returns config, val (best epoch), test metrics, history, model, test probs.
+
+    `report(row)` gets {'epoch', 'train_loss', 'val_macro_f1', 'val_accuracy', ...} after each epoch.
+    `data`/`splits`/`backbone` may be passed in so that sweeps and seed comparisons load them once.
+    """
+    cfg = resolve(config, DIAGNOSIS_DEFAULTS)
+    torch.manual_seed(int(cfg["seed"]))  # the head (and a scratch backbone) initialise from the run's seed
+    if backbone is None:
+        backbone = load_backbone(cfg["backbone"], image_size=cfg["image_size"])
+    image_size = int(cfg["image_size"] or backbone.image_size)
+    if data is None:
+        if not cfg["shards"]:
+            raise UserError("diagnosis needs --shards")
+        data = load_diagnosis_data(cfg["shards"], image_size)
+    if splits is None:
+        splits = split_indices(data, seed=int(cfg["split_seed"]), resplit=bool(cfg["resplit"]))
+    check_classes(data, splits)
+    model = Classifier(backbone, len(DIAGNOSIS_CLASSES), head=cfg["head"], dropout=float(cfg["dropout"]),
+                       hidden=int(cfg["hidden"]))
+    train, val, test = (data.subset(splits[s]) for s in ("train", "val", "test"))
+    out = fit(model, train, val, cfg, multiclass=True, evaluate=evaluate_probs, monitor="macro_f1",
+              report=report, log=log)
+    probs = predict(model, test.images, int(cfg["eval_batch_size"])).softmax(1).numpy()
+    return {"config": {k: v for k, v in cfg.items()}, "val": out["best"], "best_epoch": out["best_epoch"],
+            "test": evaluate_probs(probs, test.targets), "history": out["history"], "model": model,
+            "test_probs": probs, "test_index": np.asarray(splits["test"]), "data": data, "splits": splits,
+            "counts": {s: np.bincount(data.targets[splits[s]], minlength=3).tolist() for s in splits}}
+
+
+def write_outputs(result: dict, data: ImageSet, out_dir: str | Path, tracker=None) -> dict:
+    """metrics.json, confusion.png, curves.png and scorecam/<class>_<i>.png; returns what went where."""
+    from downstream import plots
+    from downstream.scorecam import score_cam
+    from runkit.atomic import atomic_write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = result["config"]
+    files = {"confusion": str(plots.confusion_png(result["test"]["confusion"], DIAGNOSIS_CLASSES,
+                                                  out / "confusion.png")),
+             "curves": str(plots.curve_png(result["history"], ["train_loss", "val_macro_f1", "val_accuracy"],
+                                           out / "curves.png", "diagnosis training"))}
+    cams = []
+    n = int(cfg.get("scorecam_per_class") or 0)
+    if n > 0:
+        test_idx = result["test_index"]
+        y = data.targets[test_idx]
+        pick = np.concatenate([test_idx[y == c][:n] for c in range(len(DIAGNOSIS_CLASSES))]).astype(int)
+        if len(pick):
+            images = data.float_images(pick)
+            maps, classes = score_cam(result["model"], images, max_channels=cfg.get("scorecam_max_channels"))
+            for j, i in enumerate(pick):
+                true = DIAGNOSIS_CLASSES[int(data.targets[i])]
+                pred = DIAGNOSIS_CLASSES[int(classes[j])]
+                key = data.records[i]["key"] if data.records else str(i)
+                p = plots.overlay_png(images[j, 0], maps[j], out / "scorecam" / f"{true}_{key}.png",
+                                      f"{key}: true {true}, Score-CAM for predicted {pred}")
+                cams.append(str(p))
+    files["scorecam"] = cams
+    metrics = {"task": "diagnosis", "classes": list(DIAGNOSIS_CLASSES), "backbone": cfg["backbone"],
+               "counts": result["counts"], "best_epoch": result["best_epoch"], "val": result["val"],
+               "test": result["test"], "history": result["history"], "files": files}
+    atomic_write_json(out / "metrics.json", to_jsonable(metrics))
+    if tracker is not None:
+        t = result["test"]
+        tracker.summary({f"test/{k}": t[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_auroc")})
+        tracker.log_image("confusion", files["confusion"])
+    return files
+

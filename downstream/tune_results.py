@@ -1,0 +1,211 @@
+"""After a sweep: one row per trial (results.csv), the best configuration on validation evaluated once on
+test (best.json), a figure of every trial's metric curve (trials.png), and a W&B summary run.
+
+Selection: diagnosis trials score the best validation macro-F1 over their epochs (training restores the
+best epoch's weights); severity trials score their cross-validated MSE, and only trials that finished every
+fold are eligible (a partial CV mean over one lucky fold must not win). Errored trials never win.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from runkit.errors import UserError
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def collect_trials(experiment_path: str, metric: str, mode: str) -> list[dict]:
+    """Rows in trial-creation order: id, status, config, metric curve, score, iterations, error."""
+    from ray.tune import ExperimentAnalysis
+
+    ea = ExperimentAnalysis(experiment_path, default_metric=metric, default_mode=mode)
+    frames = ea.trial_dataframes
+    rows = []
+    for i, trial in enumerate(sorted(ea.trials, key=lambda t: t.trial_id)):
+        df = frames.get(trial.trial_id)
+        curve = [float(v) for v in df[metric].tolist()] if df is not None and metric in df else []
+        complete = bool(df is not None and "complete" in df and len(df) and float(df["complete"].iloc[-1]) >= 1)
+        finite = [v for v in curve if math.isfinite(v)]
+        if mode == "max":
+            score = max(finite) if finite else float("nan")
+        else:
+            score = curve[-1] if curve else float("nan")
+        status = str(trial.status)
+        err = ""
+        if status == "ERROR":
+            err = _error_line(trial)
+        rows.append({"trial_index": i, "trial_id": trial.trial_id, "status": status,
+                     "stopped_early": status != "ERROR" and not complete and bool(curve),
+                     "complete": complete, "iterations": len(curve), "metric": metric, "score": score,
+                     "last": curve[-1] if curve else float("nan"), "curve": curve,
+                     "config": dict(trial.config), "error": err})
+    return rows
+
+
+def _error_line(trial) -> str:
+    try:
+        text = Path(trial.error_file).read_text() if getattr(trial, "error_file", None) else ""
+    except OSError:
+        text = ""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "error")[:300]
+
+
+def pick_best(rows: list[dict], task: str, mode: str) -> dict:
+    ok = [r for r in rows if r["status"] != "ERROR" and _finite(r["score"]) and (task != "severity" or r["complete"])]
+    if not ok:
+        raise UserError("no trial finished with a usable validation metric; see results.csv for the errors")
+    key = (lambda r: r["score"]) if mode == "max" else (lambda r: -r["score"])
+    return max(ok, key=lambda r: (key(r), -r["trial_index"]))
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    from runkit.atomic import atomic_write_text
+
+    keys = sorted({k for r in rows for k in r["config"]})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial_index", "trial_id", "status", "stopped_early", "iterations", rows[0]["metric"] if rows else
+                "metric", "last", *[f"config/{k}" for k in keys], "error"])
+    for r in rows:
+        w.writerow([r["trial_index"], r["trial_id"], r["status"], r["stopped_early"], r["iterations"],
+                    _fmt(r["score"]), _fmt(r["last"]), *[_fmt(r["config"].get(k, "")) for k in keys], r["error"]])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "" if not math.isfinite(v) else repr(v)
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return v
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_trials(rows: list[dict], metric: str, mode: str, best_id: str | None, path: Path) -> Path:
+    """Left: each trial's per-iteration curve drawn at x = trial index (short curves = ASHA stops, x = errors).
+    Right: the same curves against epoch/fold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from runkit.atomic import atomic_write_bytes
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    longest = max([len(r["curve"]) for r in rows] + [1])
+    for r in rows:
+        i, c = r["trial_index"], r["curve"]
+        color = "C3" if r["status"] == "ERROR" else ("C2" if r["trial_id"] == best_id else "C0")
+        if c:
+            xs = i + 0.8 * np.arange(len(c)) / max(1, longest - 1)
+            ax.plot(xs, c, "-", color=color, lw=1.5, alpha=0.9)
+            ax.plot(xs[-1], c[-1], "o", color=color, ms=4)
+            ax2.plot(np.arange(1, len(c) + 1), c, "-o", color=color, ms=3, lw=1, alpha=0.7)
+        if r["status"] == "ERROR":
+            ax.plot(i, c[-1] if c else np.nanmean([v for q in rows for v in q["curve"]] or [0]), "x", color="C3",
+                    ms=8)
+    ax.set_xlabel("trial index (each curve: one trial's epochs/folds; short = stopped early, x = error)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial ({'higher' if mode == 'max' else 'lower'} is better; green = best)")
+    ax2.set_xlabel("training iteration (epoch / fold)")
+    ax2.set_ylabel(metric)
+    ax2.set_title("curves (ASHA stops end early)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def evaluate_best(settings, ctx, prep: dict, config: dict) -> dict:
+    """Retrain/refit the best configuration in the driver on the real splits; touches test exactly once."""
+    from downstream.metrics import to_jsonable
+
+    splits, data = prep["splits"], prep["data"]
+    if settings.task == "diagnosis":
+        from downstream.diagnosis import train_diagnosis
+        from downstream.tuning import diagnosis_trial_config, feature_backbone
+
+        cfg = diagnosis_trial_config(config, ctx)
+        backbone = None
+        if cfg.get("mode") == "linear" and prep["features"] is not None:
+            data = prep["features"]
+            backbone = feature_backbone(int(data.images.shape[1]), ctx.backbone)
+        res = train_diagnosis(cfg, data=data, splits=splits, backbone=backbone)
+        keep = ("accuracy", "macro_f1", "balanced_accuracy", "macro_auroc", "per_class", "confusion", "n")
+        return to_jsonable({"validation": {k: res["val"].get(k) for k in keep},
+                            "test": {k: res["test"].get(k) for k in keep}, "best_epoch": res["best_epoch"]})
+    from downstream.tuning import (
+        FLIP_SETS,
+        compute_severity_features,
+        feature_kind,
+        resolve_severity_trial,
+        severity_fold_metrics,
+    )
+
+    cfg = resolve_severity_trial({k: v for k, v in config.items() if k != "fail"})
+    kind = feature_kind(cfg["features"])
+    feats = prep["features"]
+    if feats is None:
+        feats = compute_severity_features(prep["backbone"], data.images, [kind], FLIP_SETS[str(cfg["flip"])])
+    pool = np.sort(np.concatenate([splits["train"], splits["val"]]))
+    test = severity_fold_metrics(feats[kind], data.targets, cfg, pool, splits["test"])
+    test["mse"] = float(np.mean([test[t]["mse"] for t in cfg["targets"]]))
+    return to_jsonable({"test": test, "n_train_val": len(pool), "n_test": len(splits["test"])})
+
+
+def finalize(settings, ctx, prep: dict, experiment_path: str, raw_space: dict, *, evaluate: bool = True) -> dict:
+    from downstream.tuning import METRIC
+    from runkit.atomic import atomic_write_json
+    from runkit.tracking import Tracker
+
+    out = Path(settings.out)
+    metric, mode = METRIC[settings.task]
+    rows = collect_trials(experiment_path, metric, mode)
+    files = {"results": str(write_csv(rows, out / "results.csv"))}
+    best = pick_best(rows, settings.task, mode)
+    files["plot"] = str(plot_trials(rows, metric, mode, best["trial_id"], out / "trials.png"))
+    summary = {"sweep": settings.name, "task": settings.task, "trial_id": best["trial_id"],
+               "trial_index": best["trial_index"], "metric": metric, "mode": mode, "config": best["config"],
+               "validation": {metric: best["score"], "iterations": best["iterations"]},
+               "selection": ("max validation macro-F1 over epochs" if mode == "max"
+                             else "cross-validated MSE on train+val, trials that finished every fold"),
+               "trials": {"total": len(rows), "errored": sum(r["status"] == "ERROR" for r in rows),
+                          "stopped_early": sum(bool(r["stopped_early"]) for r in rows)},
+               "backbone": settings.backbone, "experiment_path": experiment_path}
+    if evaluate:
+        ev = evaluate_best(settings, ctx, prep, best["config"])
+        summary["test"] = ev.pop("test")
+        if "validation" in ev:
+            summary["validation"]["refit"] = ev.pop("validation")
+        summary.update(ev)
+    files["best"] = str(atomic_write_json(out / "best.json", _plain(summary)))
+    tracker = Tracker(out, best["config"], project=ctx.wandb_project, group=settings.name,
+                      name=f"{settings.name}-best", job_type="sweep-best", mode=ctx.wandb_mode,
+                      jsonl_name="best_metrics.jsonl")
+    try:
+        flat = {f"val/{metric}": best["score"], "best_trial_id": best["trial_id"]}
+        test = summary.get("test") or {}
+        flat.update({f"test/{k}": v for k, v in test.items() if _finite(v)})
+        tracker.log(flat)
+        tracker.summary(flat)
+        tracker.log_image("trials", files["plot"])
+    finally:
+        tracker.finish()
+    return {"experiment_path": experiment_path, "rows": rows, "best": summary, "files": files}
+
+
+def _plain(obj):
+    from downstream.metrics import to_jsonable
+
+    return to_jsonable(obj)
