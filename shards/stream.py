@@ -1,0 +1,437 @@
+"""The one reader of shard folders: pretrain and downstream both stream batches through `make_loader`.
+
+Built on webdataset 1.0.2's pieces (ResampledShards, url_opener, tar_file_expander, group_by_keys,
+shuffle) with the splitting done explicitly, because the defaults are wrong for us:
+- mode="train": each rank and each DataLoader worker resamples shards with its own seed (seed, rank,
+  worker, epoch), shuffles samples in a buffer, and yields full batches only; the loader stops after
+  exactly `epoch_size // (world_size * batch_size)` batches on every rank, so DeepSpeed never waits
+  on a rank that ran out of data.
+- mode="eval": shards are split by rank, then by worker (the explicit form of wds.split_by_node and
+  wds.split_by_worker); with fewer shards than ranks x workers every reader walks all shards and keeps
+  every (ranks x workers)-th sample instead, so no worker is empty. Every sample is seen exactly once
+  across ranks and workers; the last batch of a rank may be partial.
+- A corrupt or truncated shard, or a sample that does not decode, is skipped and counted in
+  `loader.stats` (a StreamStats), never via wds.warn_and_continue, which sleeps 0.5 s per error.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+import shlex
+import struct
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from runkit.errors import UserError
+
+log = logging.getLogger(__name__)
+MODES = ("train", "eval")
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://")
+_GLOB_CHARS = set("*?[")
+_MAX_LOGGED = 5
+_MAX_PIXELS = 100_000_000
+
+
+def expand_urls(spec: str | Iterable[str]) -> list[str]:
+    """A shell-style list (or a list) of paths, globs, brace patterns and pipe: URLs -> shard URLs.
+
+    Local paths are checked now: a missing file or an empty glob raises UserError at start-up instead
+    of a worker failing (or hanging) later. Remote URLs cannot be checked and pass through. A string
+    that starts with `pipe:` is one URL (its command has spaces); quote pipe: URLs inside a longer list.
+    """
+    if isinstance(spec, str):
+        tokens = [spec.strip()] if spec.strip().startswith("pipe:") else shlex.split(spec)
+    else:
+        tokens = [str(s) for s in spec]
+    urls: list[str] = []
+    for token in tokens:
+        for url in braceexpand(token):
+            if url.startswith(_REMOTE_PREFIXES):
+                urls.append(url)
+                continue
+            path = url.removeprefix("file:")
+            path = os.path.expanduser(path)
+            if _GLOB_CHARS & set(path):
+                found = sorted(glob.glob(path))
+                if not found:
+                    raise UserError(f"shard pattern {url!r} matches no files")
+                urls.extend(found)
+            elif os.path.isdir(path):
+                raise UserError(f"{url!r} is a folder; give shard files, e.g. {os.path.join(url, 'train-*.tar')}")
+            elif not os.path.isfile(path):
+                raise UserError(f"shard file {url!r} does not exist")
+            else:
+                urls.append(path)
+    if not urls:
+        raise UserError(f"no shards given ({spec!r})")
+    return urls
+
+
+@dataclass
+class StreamStats:
+    """What the reader skipped. Counts are merged from the workers as their batches arrive."""
+    samples: int = 0            # samples yielded in batches
+    batches: int = 0
+    shard_errors: int = 0       # tar/stream errors (a truncated shard may add more than one)
+    sample_errors: int = 0      # samples that did not decode (bad PNG/JSON, incomplete sample)
+    dropped: int = 0            # samples that `select` dropped (returned None)
+    bad_shards: set[str] = field(default_factory=set)
+    reasons: Counter = field(default_factory=Counter)
+
+    @property
+    def skipped(self) -> int:
+        return self.shard_errors + self.sample_errors
+
+    def merge(self, delta: dict) -> None:
+        self.shard_errors += delta["shard_errors"]
+        self.sample_errors += delta["sample_errors"]
+        self.dropped += delta["dropped"]
+        self.bad_shards.update(delta["bad_shards"])
+        self.reasons.update(delta["reasons"])
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "batches": self.batches, "shard_errors": self.shard_errors,
+                "sample_errors": self.sample_errors, "dropped": self.dropped,
+                "bad_shards": sorted(self.bad_shards), "reasons": dict(self.reasons)}
+
+
+class _WorkerStats:
+    """Per-worker counters; `delta()` hands what accrued since the last batch to the main process."""
+
+    def __init__(self):
+        self.logged = 0
+        self.since_sample = 0  # shards opened since the last good sample (train-mode stall guard)
+        self._reset()
+
+    def _reset(self):
+        self.d = {"shard_errors": 0, "sample_errors": 0, "dropped": 0, "bad_shards": [], "reasons": Counter()}
+
+    def delta(self) -> dict:
+        d = self.d
+        self._reset()
+        return d
+
+    def _note(self, kind: str, url: str | None, exn: BaseException | str) -> None:
+        text = exn if isinstance(exn, str) else f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}"
+        self.d["reasons"][f"{kind}: {text.split(' @ ')[0][:120]}"] += 1
+        if self.logged < _MAX_LOGGED:
+            self.logged += 1
+            log.warning("skipped %s in %s: %s", kind, url, text)
+
+    def shard_error(self, exn: BaseException) -> bool:
+        """webdataset handler: count, remember the shard, and carry on (no sleep)."""
+        url = next((a for a in reversed(exn.args) if isinstance(a, str) and a != exn.args[0]), None)
+        self.d["shard_errors"] += 1
+        if url:
+            self.d["bad_shards"].append(url)
+        self._note("shard", url, exn)
+        return True
+
+    def sample_error(self, url: str | None, reason: str) -> None:
+        self.d["sample_errors"] += 1
+        self._note("sample", url, reason)
+
+
+def _seed(*parts: int) -> int:
+    return random.Random(repr(parts)).getrandbits(63)
+
+
+def _stride(samples: Iterator[dict], index: int, every: int) -> Iterator[dict]:
+    for i, sample in enumerate(samples):
+        if i % every == index:
+            yield sample
+
+
+def _count_shards(urls: Iterator[dict], stats: _WorkerStats, limit: int) -> Iterator[dict]:
+    for u in urls:
+        stats.since_sample += 1
+        if stats.since_sample > limit:
+            raise UserError(f"no usable sample in {limit} consecutive shards: are they all corrupt, "
+                            f"or does `select` drop every sample?")
+        yield u
+
+
+def _decode(samples: Iterator[dict], stats: _WorkerStats, select, image_size) -> Iterator[tuple]:
+    """Parse the JSON, apply `select` before decoding the PNG, decode to uint8 HxW, resize."""
+    for sample in samples:
+        url = sample.get("__url__")
+        if "json" not in sample or "png" not in sample:
+            stats.sample_error(url, f"incomplete sample {sample.get('__key__')} ({', '.join(sorted(sample))})")
+            continue
+        try:
+            record = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError) as exn:
+            stats.sample_error(url, f"bad json in {sample['__key__']}: {exn}")
+            continue
+        target = None
+        if select is not None:
+            target = select(record)
+            if target is None:
+                stats.d["dropped"] += 1
+                continue
+        try:
+            image = decode_png(sample["png"])
+            if image_size is not None and image.shape != (image_size, image_size):
+                image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR))
+        except Exception as exn:  # noqa: BLE001 - any decoder failure on hostile bytes is a skip
+            stats.sample_error(url, f"bad png in {sample['__key__']}: {type(exn).__name__}")
+            continue
+        stats.since_sample = 0
+        yield image, target, sample["__key__"], record
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """uint8 HxW from PNG bytes: a fast path for what shards.writer writes, PIL for anything else.
+
+    Decoding is most of the reader's CPU time, paid every epoch. The writer's PNGs are 8-bit gray
+    with the Up filter on every row, so un-filtering is one cumulative sum mod 256 (~2x faster than
+    PIL). The zlib stream must end exactly at h*(w+1) bytes with its Adler-32 checked, or it raises.
+    """
+    image = _decode_up_png(data)
+    if image is not None:
+        return image
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return np.asarray(im if im.mode == "L" else im.convert("L"), dtype=np.uint8)
+
+
+def _decode_up_png(data: bytes) -> np.ndarray | None:
+    """The fast path; None when the PNG is not in the writer's layout (then PIL decodes it)."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, idat, shape = len(_PNG_SIGNATURE), [], None
+    while pos + 12 <= len(data):
+        (n,) = struct.unpack_from(">I", data, pos)
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        if len(body) != n:
+            return None
+        if kind == b"IHDR":
+            if n != 13:
+                return None
+            w, h, *layout = struct.unpack(">IIBBBBB", body)
+            if layout != [8, 0, 0, 0, 0] or not 0 < w * h <= _MAX_PIXELS:  # 8-bit gray, no interlace
+                return None
+            shape = (h, w)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + n
+    if shape is None or not idat:
+        return None
+    h, w = shape
+    z = zlib.decompressobj()
+    raw = z.decompress(b"".join(idat), h * (w + 1) + 1)
+    if len(raw) != h * (w + 1) or not z.eof:
+        raise ValueError("PNG image data has the wrong length or a bad checksum")
+    rows = np.frombuffer(raw, np.uint8).reshape(h, w + 1)
+    if rows[0, 0] != 0 or (rows[1:, 0] != 2).any():
+        return None  # other filters: let PIL do it
+    return np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8)  # Up filter: row += row above, mod 256
+
+
+def _batches(samples: Iterator[tuple], size: int, partial: bool, stats: _WorkerStats) -> Iterator[tuple]:
+    """Yield (list of samples, stats delta); a final ([], delta) carries errors after the last batch."""
+    batch: list = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch, stats.delta()
+            batch = []
+    if batch and partial:
+        yield batch, stats.delta()
+    yield [], stats.delta()
+
+
+class ShardStream(IterableDataset):
+    """One rank's stream of sample lists; each DataLoader worker takes its share in `__iter__`."""
+
+    def __init__(self, urls: list[str], *, mode: str, batch_size: int, select, image_size, shuffle_buffer: int,
+                 seed: int, rank: int, world_size: int):
+        super().__init__()
+        self.urls, self.mode, self.batch_size = urls, mode, batch_size
+        self.select, self.image_size, self.shuffle_buffer = select, image_size, shuffle_buffer
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0  # set by StreamLoader before each epoch; workers are re-created per epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stats = _WorkerStats()
+        if self.mode == "train":
+            worker_seed = _seed(self.seed, self.rank, worker, self.epoch)
+            urls = wds.ResampledShards(self.urls, seed=self.seed, worker_seed=lambda: worker_seed,
+                                       deterministic=True)
+            urls = _count_shards(iter(urls), stats, limit=max(100, 10 * len(self.urls)))
+        else:
+            slots, me = self.world_size * num_workers, self.rank * num_workers + worker
+            mine = self.urls[self.rank::self.world_size][worker::num_workers] if len(self.urls) >= slots else self.urls
+            urls = iter([{"url": u} for u in mine])
+        streams = url_opener(urls, handler=stats.shard_error)
+        files = tar_file_expander(streams, handler=stats.shard_error)
+        samples = group_by_keys(files, handler=stats.shard_error)
+        if self.mode == "eval" and len(self.urls) < slots:
+            samples = _stride(samples, me, slots)
+        decoded = _decode(samples, stats, self.select, self.image_size)
+        if self.mode == "train" and self.shuffle_buffer > 1:
+            rng = random.Random(_seed(self.seed, self.rank, worker, self.epoch, 1))
+            decoded = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(decoded)
+        return _batches(decoded, self.batch_size, partial=self.mode == "eval", stats=stats)
+
+
+def _identity(x):
+    return x
+
+
+class StreamLoader:
+    """Iterable over dict batches; `stats` counts what was skipped, `len()` is the train epoch length."""
+
+    def __init__(self, dataset: ShardStream, *, num_workers: int, batches_per_epoch: int | None):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.batches_per_epoch = batches_per_epoch
+        self.stats = StreamStats()
+        self.epoch = 0
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
+                                  persistent_workers=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next iteration is epoch `epoch` (shard and sample order derive from it): for resuming."""
+        self.epoch = epoch
+
+    def describe(self) -> dict:
+        """What a run should record to reproduce its data order."""
+        d = self.dataset
+        return {"mode": d.mode, "shards": len(d.urls), "batch_size": d.batch_size, "image_size": d.image_size,
+                "rank": d.rank, "world_size": d.world_size, "num_workers": self.num_workers, "seed": d.seed,
+                "shuffle_buffer": d.shuffle_buffer, "batches_per_epoch": self.batches_per_epoch, "epoch": self.epoch}
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("an eval-mode loader has no fixed length; it yields every sample once")
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        self.dataset.epoch = self.epoch
+        self.epoch += 1
+        select = self.dataset.select is not None
+        if self.batches_per_epoch is not None:
+            yield from self._train_epoch(select)
+        else:
+            yield from self._eval_epoch(select)
+        if self.stats.skipped:
+            log.warning("shard stream: %d samples so far, skipped %d (shard errors %d, sample errors %d)",
+                        self.stats.samples, self.stats.skipped, self.stats.shard_errors, self.stats.sample_errors)
+
+    def _emit(self, samples: list, select: bool) -> dict:
+        self.stats.samples += len(samples)
+        self.stats.batches += 1
+        return collate(samples, select)
+
+    def _train_epoch(self, select: bool) -> Iterator[dict]:
+        done = 0
+        it = iter(self._loader)
+        try:
+            for samples, delta in it:
+                self.stats.merge(delta)
+                if samples:
+                    yield self._emit(samples, select)
+                    done += 1
+                    if done == self.batches_per_epoch:
+                        return
+        finally:
+            del it
+        raise RuntimeError(f"train stream ended after {done} of {self.batches_per_epoch} batches")
+
+    def _eval_epoch(self, select: bool) -> Iterator[dict]:
+        buf: list = []
+        for samples, delta in self._loader:
+            self.stats.merge(delta)
+            buf.extend(samples)
+            while len(buf) >= self.dataset.batch_size:
+                yield self._emit(buf[: self.dataset.batch_size], select)
+                buf = buf[self.dataset.batch_size:]
+        if buf:
+            yield self._emit(buf, select)
+
+
+def collate(samples: list[tuple], select: bool = True) -> dict[str, Any]:
+    """(uint8 HxW, target, key, record) samples -> {"image": float [B,1,H,W] in [0,1], ...}."""
+    images = torch.from_numpy(np.stack([s[0] for s in samples])).unsqueeze(1).float().div_(255.0)
+    return {
+        "image": images,
+        "target": default_collate([s[1] for s in samples]) if select else None,
+        "key": [s[2] for s in samples],
+        "record": [s[3] for s in samples],
+    }
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """rank/world_size: given, else torch.distributed if initialised, else RANK/WORLD_SIZE, else 0/1."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        r, w = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return (r if rank is None else rank), (w if world_size is None else world_size)
+
+
+def make_loader(urls: str | Iterable[str], *, mode: str, batch_size: int,
+                select: Callable[[dict], Any] | None = None, image_size: int | None = None,
+                epoch_size: int | None = None, num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
+                rank: int | None = None, world_size: int | None = None) -> StreamLoader:
+    """Stream shards as dict batches {"image", "target", "key", "record"}; see the module docstring.
+
+    `select(record_json)` returns the target or None to drop the sample; with select=None every sample
+    is kept and "target" is None. `image_size` resizes (bilinear) to a square; None keeps the stored
+    size (which must then be uniform). With num_workers > 0 and a spawn start method, `select` must be
+    picklable (a module-level function).
+    """
+    if mode not in MODES:
+        raise UserError(f"mode {mode!r}: want one of {MODES}")
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size}: must be at least 1")
+    if image_size is not None and image_size < 1:
+        raise UserError(f"image size {image_size}: must be positive")
+    if num_workers < 0:
+        raise UserError(f"num_workers {num_workers}: must be >= 0")
+    rank, world_size = dist_info(rank, world_size)
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside world size {world_size}")
+    url_list = expand_urls(urls)
+    batches = None
+    if mode == "train":
+        if not epoch_size:
+            raise UserError("train mode needs epoch_size (samples per epoch over all ranks)")
+        batches = epoch_size // (world_size * batch_size)
+        if batches < 1:
+            raise UserError(f"epoch size {epoch_size} is smaller than world size x batch size "
+                            f"({world_size} x {batch_size}); no full batch per rank")
+    dataset = ShardStream(url_list, mode=mode, batch_size=batch_size, select=select, image_size=image_size,
+                          shuffle_buffer=shuffle_buffer, seed=seed, rank=rank, world_size=world_size)
+    return StreamLoader(dataset, num_workers=num_workers, batches_per_epoch=batches)
+
+
+def shard_paths(folder: str | Path, split: str) -> list[str]:
+    """All shards of one split in a shard folder, sorted: the usual argument to `make_loader`."""
+    return expand_urls([str(Path(folder) / f"{split}-*.tar")])

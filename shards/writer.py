@@ -1,0 +1,406 @@
+"""`python -m shards build`: a raw data set -> WebDataset tar shards + manifest.json.
+
+Why it is built this way:
+- The scan (cheap, in the main process) fixes the plan: items grouped by split in scan order into
+  chunks of --max-count, chunk k of split s being `s-<k:06d>.tar`. One worker builds one whole shard,
+  so the bytes never depend on --workers or on scheduling.
+- Tar members are deterministic (mtime/uid/gid/mode fixed, `<key>.json` then `<key>.png`, PNG at a
+  fixed compress level), every file is written to a temp file and renamed (runkit.atomic), and each
+  finished shard gets a sidecar (shards.manifest) with its sha256. A rerun keeps shards whose sidecar
+  matches this build and whose bytes match the checksum, and redoes the rest: kill -9 at any point,
+  then rerun, gives shards and manifest byte-identical to a clean build.
+- `--part i/N`: N machines share one --out (a shared file system); each builds the chunks whose global
+  index is i mod N. Whichever part finishes last sees every sidecar and writes manifest.json; a final
+  plain run (no --part) also builds anything a failed part left undone and writes the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import sys
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+import shards
+from runkit.atomic import atomic_write
+from runkit.errors import UserError
+from shards import manifest as mf
+from shards.record import SPLITS
+
+PNG_COMPRESS_LEVEL = 3
+DEFAULT_MAX_COUNT = 1000
+SHARED_MODE = 0o644  # temp files are 0600; shards are read by other users and jobs
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclass
+class Chunk:
+    """One planned shard: the items of one split that go into it, in scan order."""
+    index: int  # global index over all chunks, used by --part
+    split: str
+    number: int  # index within its split, in the file name
+    items: list
+    fingerprint: str = ""
+
+    @property
+    def name(self) -> str:
+        return mf.shard_name(self.split, self.number)
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    planned: int = 0
+    written: int = 0
+    kept: int = 0
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    manifest: Path | None = None
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped.values())
+        by_reason = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+        where = self.manifest if self.manifest else f"{self.out_dir} (manifest pending: other parts unfinished)"
+        return (f"wrote {self.written} shards, kept {self.kept} verified, {self.samples} samples, "
+                f"{skipped} skipped" + (f" ({by_reason})" if by_reason else "") + f" -> {where}")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (Path, os.PathLike)):
+        return str(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_jsonable,
+                      ensure_ascii=False).encode()
+
+
+def _split_order(split: str) -> tuple:
+    return (SPLITS.index(split), "") if split in SPLITS else (len(SPLITS), split)
+
+
+def plan_chunks(scan: Iterable, max_count: int, options: dict, progress: bool = True
+                ) -> tuple[list[Chunk], list[dict]]:
+    """Group scanned items into chunks; return (chunks, skipped entries of the scan)."""
+    by_split: dict[str, list] = {}
+    skipped: list[dict] = []
+    seen: set[str] = set()
+    for item in tqdm(scan, desc="scan", unit=" files", disable=not progress, leave=False):
+        if hasattr(item, "reason"):  # sources.Skipped
+            skipped.append({"name": str(item.name), "reason": str(item.reason), "stage": "scan"})
+            continue
+        rec = item.record
+        if rec.key in seen:
+            skipped.append({"name": str(rec.meta.get("path", rec.key)), "reason": f"duplicate key: {rec.key}",
+                            "stage": "scan"})
+            continue
+        seen.add(rec.key)
+        if not _SPLIT_RE.match(rec.split or ""):
+            raise ValueError(f"source gave record {rec.key} the split {rec.split!r}; want one of {SPLITS}")
+        by_split.setdefault(rec.split, []).append(item)
+    chunks: list[Chunk] = []
+    for split in sorted(by_split, key=_split_order):
+        items = by_split[split]
+        for number, start in enumerate(range(0, len(items), max_count)):
+            chunk = Chunk(len(chunks), split, number, items[start:start + max_count])
+            chunk.fingerprint = hashlib.sha256(_json_bytes({
+                "version": shards.__version__, "options": options, "name": chunk.name,
+                "records": [it.record.to_json() for it in chunk.items]})).hexdigest()
+            chunks.append(chunk)
+    return chunks, skipped
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what tarfile writes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.f.write(data)
+        self.sha.update(data)
+        self.n += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.n
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """8-bit grayscale PNG, every row with the Up filter, zlib level PNG_COMPRESS_LEVEL.
+
+    Why not PIL's encoder: its adaptive filters pick Paeth rows that make every later decode ~25 %
+    slower (shards are decoded every epoch, written once), and it encodes 3-4x slower; files are
+    ~15 % larger. Output depends only on the pixels and the zlib version.
+    """
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    h, w = image.shape
+    rows = np.empty((h, w + 1), np.uint8)
+    rows[:, 0] = 2  # Up
+    rows[0, 0] = 0  # the first row has nothing above it
+    rows[0, 1:] = image[0]
+    np.subtract(image[1:], image[:-1], out=rows[1:, 1:])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_COMPRESS_LEVEL)) + chunk(b"IEND", b""))
+
+
+def build_shard(out_dir: str, chunk: Chunk, size: int, square: str) -> dict:
+    """Build one shard whole (in a worker process) and write its sidecar; return the sidecar."""
+    from shards.preprocess import BadImage, decode_and_preprocess
+
+    out = Path(out_dir)
+    skipped, records = [], []
+    sha = nbytes = None
+
+    def write(f):
+        nonlocal sha, nbytes
+        hw = _HashingWriter(f)
+        with tarfile.open(fileobj=hw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for item in chunk.items:
+                rec = item.record
+                name = str(rec.meta.get("path", rec.key))
+                try:
+                    data = item.read()
+                except Exception as exc:  # noqa: BLE001 - a source's reader (file, tar member) failed
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}"
+                    skipped.append({"name": name, "reason": f"unreadable: {reason}"})
+                    continue
+                try:
+                    image, info = decode_and_preprocess(data, size=size, square=square)
+                except BadImage as exc:
+                    skipped.append({"name": name, "reason": str(exc)})
+                    continue
+                payload = dataclasses.replace(rec, image=None, meta={**rec.meta, "preprocess": info}).to_json()
+                _add_member(tar, f"{rec.key}.json", _json_bytes(payload))
+                _add_member(tar, f"{rec.key}.png", encode_png(image))
+                records.append(payload)
+        sha, nbytes = hw.sha.hexdigest(), hw.n
+
+    atomic_write(out / chunk.name, write)
+    os.chmod(out / chunk.name, SHARED_MODE)
+    state = {"name": chunk.name, "split": chunk.split, "count": len(records), "sha256": sha, "bytes": nbytes,
+             "fingerprint": chunk.fingerprint, "labels": mf.label_counts(records), "skipped": skipped}
+    mf.write_sidecar(out, state)
+    return state
+
+
+def _verified_state(out: Path, chunk: Chunk) -> dict | None:
+    """The sidecar of a finished shard of this very build whose bytes still match, else None."""
+    state = mf.read_sidecar(out, chunk.name)
+    if not state or state.get("fingerprint") != chunk.fingerprint:
+        return None
+    path = out / chunk.name
+    try:
+        if path.stat().st_size != state["bytes"]:
+            return None
+    except FileNotFoundError:
+        return None
+    return state if mf.sha256_file(path) == state["sha256"] else None
+
+
+def _portable(chunk: Chunk) -> Chunk:
+    """Items whose `read` cannot cross a process boundary are read here, in the main process."""
+    try:
+        pickle.dumps(chunk.items[0].read)
+        return chunk
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return dataclasses.replace(chunk, items=[_Preread(it) for it in chunk.items])
+
+
+class _Preread:
+    """A RawItem stand-in holding the bytes (or the read error) instead of a closure."""
+
+    def __init__(self, item):
+        self.record = item.record
+        try:
+            self.data, self.error = item.read(), None
+        except Exception as exc:  # noqa: BLE001 - re-raised in the worker, where it becomes a skip
+            self.data, self.error = None, exc
+
+    def read(self) -> bytes:
+        if self.error is not None:
+            raise self.error
+        return self.data
+
+
+_SHARD_TMP_RE = re.compile(r"^\.[A-Za-z0-9_]+-\d{6}\.(tar|json)\..*\.tmp$")
+
+
+def _cleanup(out: Path, keep: set[str]) -> None:
+    """Remove shards and sidecars of an older plan, and shard temp files left by kill -9.
+
+    Runs only once every planned shard is verified, so no part of this build is still writing one.
+    """
+    for p in out.iterdir():
+        if (mf.SHARD_RE.match(p.name) and p.name not in keep) or _SHARD_TMP_RE.match(p.name):
+            p.unlink(missing_ok=True)
+    state_dir = out / mf.STATE_DIR
+    if state_dir.is_dir():
+        wanted = {mf.sidecar_path(out, n).name for n in keep}
+        for p in state_dir.iterdir():
+            if p.name not in wanted and (p.suffix == ".json" or _SHARD_TMP_RE.match(p.name)):
+                p.unlink(missing_ok=True)
+
+
+def build(scan: Iterable, out_dir: str | Path, *, source: str, size: int = 512, square: str = "crop",
+          workers: int = 1, max_count: int = DEFAULT_MAX_COUNT, part: tuple[int, int] | None = None,
+          progress: bool = True, start_method: str | None = None) -> BuildResult:
+    """Build (or resume, or build one part of) a shard folder from a source's scan.
+
+    Workers use the platform's default start method unless `start_method` says otherwise; everything
+    sent to them pickles, so spawn and forkserver work too (only slower to start).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"size": size, "square": square, "max_count": max_count}
+    chunks, scan_skipped = plan_chunks(scan, max_count, options, progress)
+    mine = [c for c in chunks if part is None or c.index % part[1] == part[0]]
+    result = BuildResult(out_dir=out, planned=len(chunks))
+
+    states: dict[str, dict] = {}
+    todo: list[Chunk] = []
+    for chunk in tqdm(mine, desc="verify", unit=" shards", disable=not progress or not mine, leave=False):
+        state = _verified_state(out, chunk)
+        if state is None:
+            todo.append(chunk)
+        else:
+            states[chunk.name] = state
+    result.kept = len(states)
+
+    bar = tqdm(total=sum(len(c.items) for c in todo), desc=f"build {source}", unit=" img",
+               disable=not progress, file=sys.stderr)
+    if workers <= 1 or len(todo) <= 1:
+        for chunk in todo:
+            states[chunk.name] = build_shard(str(out), chunk, size, square)
+            bar.update(len(chunk.items))
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context(start_method)) as pool:
+            pending, queue = set(), iter(todo)
+            sizes = {}
+            while True:
+                while len(pending) < 2 * workers:
+                    chunk = next(queue, None)
+                    if chunk is None:
+                        break
+                    fut = pool.submit(build_shard, str(out), _portable(chunk), size, square)
+                    sizes[fut] = len(chunk.items)
+                    pending.add(fut)
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    state = fut.result()
+                    states[state["name"]] = state
+                    bar.update(sizes.pop(fut))
+    bar.close()
+    result.written = len(todo)
+
+    # Merge: every planned shard must have a verified sidecar (ours, or another part's).
+    for chunk in chunks:
+        if chunk.name not in states:
+            state = _verified_state(out, chunk)
+            if state is None:
+                result.samples = sum(s["count"] for s in states.values())
+                result.skipped = Counter(mf.reason_kind(s["reason"]) for st in states.values()
+                                         for s in st["skipped"])
+                return result
+            states[chunk.name] = state
+    ordered = [states[c.name] for c in chunks]
+    manifest = mf.build_manifest(source=source, options=options, version=shards.__version__,
+                                 states=ordered, scan_skipped=scan_skipped)
+    _cleanup(out, {c.name for c in chunks})
+    result.manifest = mf.write_manifest(out, manifest)
+    os.chmod(result.manifest, SHARED_MODE)
+    result.samples = manifest["totals"]["samples"]
+    result.skipped = Counter(manifest["skipped_by_reason"])
+    return result
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
+        raise UserError(f"--part {text!r}: want i/N with 0 <= i < N, e.g. 0/4")
+    return int(m[1]), int(m[2])
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from shards.sources import SOURCE_NAMES
+
+    parser.add_argument("source", choices=SOURCE_NAMES, help="raw data set format")
+    parser.add_argument("--src", required=True, help="folder of the raw data set")
+    parser.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar and manifest.json")
+    parser.add_argument("--size", type=int, default=512, help="side of the square output images (default 512)")
+    parser.add_argument("--square", choices=("crop", "pad"), default="crop", help="center-crop or pad to square")
+    parser.add_argument("--workers", type=int, default=_default_workers(), help="processes (default: all cores)")
+    parser.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT, help="samples per shard")
+    parser.add_argument("--part", default=None, metavar="i/N",
+                        help="build only chunks with index %% N == i (N machines, one shared --out); "
+                             "the last part to finish, or a plain rerun, writes manifest.json")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from shards.sources import get_source
+
+    src = Path(args.src)
+    if not src.exists():
+        raise UserError(f"--src {src}: no such file or folder")
+    if args.size < 8:
+        raise UserError(f"--size {args.size}: must be at least 8")
+    if args.max_count < 1:
+        raise UserError(f"--max-count {args.max_count}: must be at least 1")
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1")
+    part = parse_part(args.part)
+    result = build(get_source(args.source).scan(src), args.out, source=args.source, size=args.size,
+                   square=args.square, workers=args.workers, max_count=args.max_count, part=part,
+                   progress=not args.no_progress)
+    print(result.summary())
+    if result.manifest is not None and result.samples == 0:
+        raise UserError(f"no sample could be written from {src}; the skipped inputs and reasons are in "
+                        f"{result.manifest}")
+    return 0
