@@ -28,7 +28,7 @@ import sys
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -383,6 +383,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _relative(path: str, root: Path) -> str:
+    head, sep, member = path.partition(":") if ".tar" in path else (path, "", "")
+    try:
+        return str(Path(head).resolve().relative_to(root)) + sep + member
+    except ValueError:
+        return path
+
+
+def relative_paths(scan: Iterable, src: Path) -> Iterator:
+    """Record original paths relative to --src, so shard bytes do not depend on where the data is mounted."""
+    from shards.sources import RawItem
+
+    root = src.resolve()
+    for item in scan:
+        if isinstance(item, RawItem) and item.record.meta.get("path"):
+            meta = {**item.record.meta, "path": _relative(str(item.record.meta["path"]), root)}
+            item = dataclasses.replace(item, record=dataclasses.replace(item.record, meta=meta))
+        yield item
+
+
 def run(args: argparse.Namespace) -> int:
     from shards.sources import get_source
 
@@ -396,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
     part = parse_part(args.part)
-    result = build(get_source(args.source).scan(src), args.out, source=args.source, size=args.size,
+    result = build(relative_paths(get_source(args.source).scan(src), src), args.out, source=args.source, size=args.size,
                    square=args.square, workers=args.workers, max_count=args.max_count, part=part,
                    progress=not args.no_progress)
     print(result.summary())
