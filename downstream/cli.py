@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone specs to compare, e.g. RUN/encoder.pt scratch:densenet121")
     p.add_argument("--names", nargs="+", help="a label per backbone (default: the specs)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--scorecam-per-class", type=int, default=2,
+                   help="Score-CAM overlays per class for the first seed of each initialisation (0: none)")
+    p.add_argument("--scorecam-max-channels", type=int, default=256,
+                   help="most active channels used by Score-CAM (0: all)")
     p = sub.add_parser("nih14", help="multi-label NIH-14 head (BCE, AUROC per finding); saves nih14:DIR")
     _common(p)
     _training(p, balance="none")
@@ -193,6 +197,8 @@ def _compare(cfg: dict, out: Path, tracker) -> dict:
     names = cfg.get("names") or specs
     if len(names) != len(specs):
         raise UserError(f"--names has {len(names)} labels for {len(specs)} backbones")
+    if len({compare.file_label(n) for n in names}) != len(names):
+        raise UserError(f"--names {names} are not distinct as file names; give each initialisation its own label")
     size = cfg.get("image_size") or load_backbone(specs[0]).image_size
     data = load_diagnosis_data(cfg["shards"], int(size))
     splits = split_indices(data, seed=int(cfg["split_seed"]), resplit=bool(cfg["resplit"]))
@@ -204,11 +210,22 @@ def _compare(cfg: dict, out: Path, tracker) -> dict:
         print(f"  {name} seed {seed}: macro-F1 {row['macro_f1']:.3f}, balanced accuracy "
               f"{row['balanced_accuracy']:.3f}")
 
+    figures = {}
+
+    def on_result(name, seed, res):
+        if seed == cfg["seeds"][0]:
+            figures[name] = compare.write_run_figures(name, res, data, out,
+                                                      per_class=int(cfg.get("scorecam_per_class") or 0),
+                                                      max_channels=cfg.get("scorecam_max_channels"))
+
     result = compare.compare_initialisations(train_cfg, specs, cfg["seeds"], data=data, splits=splits, names=names,
-                                             on_run=on_run)
+                                             on_run=on_run, on_result=on_result)
     text = compare.table(result)
     print(text)
     files = {"table": str(atomic_write_text(out / "compare_table.md", text + "\n"))}
+    for name, f in figures.items():
+        files[f"confusion_{compare.file_label(name)}"] = f["confusion"]
+        files[f"scorecam_{compare.file_label(name)}"] = f["scorecam"]
     atomic_write_json(out / "metrics.json", to_jsonable({"task": "compare", **result, "files": files}))
     return files
 

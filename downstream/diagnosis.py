@@ -74,10 +74,34 @@ def train_diagnosis(config: dict, *, data: ImageSet | None = None, splits: dict 
             "counts": {s: np.bincount(data.targets[splits[s]], minlength=3).tolist() for s in splits}}
 
 
+def scorecam_overlays(result: dict, data: ImageSet, out_dir: str | Path, per_class: int,
+                      max_channels: int | None = 256) -> list[str]:
+    """Score-CAM overlays of the first `per_class` test images of each true class: OUT/<class>_<key>.png."""
+    from downstream import plots
+    from downstream.scorecam import score_cam
+
+    if per_class <= 0:
+        return []
+    test_idx = np.asarray(result["test_index"])
+    y = data.targets[test_idx]
+    pick = np.concatenate([test_idx[y == c][:per_class] for c in range(len(DIAGNOSIS_CLASSES))]).astype(int)
+    if not len(pick):
+        return []
+    images = data.float_images(pick)
+    maps, classes = score_cam(result["model"], images, max_channels=max_channels)
+    cams = []
+    for j, i in enumerate(pick):
+        true = DIAGNOSIS_CLASSES[int(data.targets[i])]
+        pred = DIAGNOSIS_CLASSES[int(classes[j])]
+        key = data.records[i]["key"] if data.records else str(i)
+        cams.append(str(plots.overlay_png(images[j, 0], maps[j], Path(out_dir) / f"{true}_{key}.png",
+                                          f"{key}: true {true}, Score-CAM for predicted {pred}")))
+    return cams
+
+
 def write_outputs(result: dict, data: ImageSet, out_dir: str | Path, tracker=None) -> dict:
     """metrics.json, confusion.png, curves.png and scorecam/<class>_<i>.png; returns what went where."""
     from downstream import plots
-    from downstream.scorecam import score_cam
     from runkit.atomic import atomic_write_json
 
     out = Path(out_dir)
@@ -87,22 +111,8 @@ def write_outputs(result: dict, data: ImageSet, out_dir: str | Path, tracker=Non
                                                   out / "confusion.png")),
              "curves": str(plots.curve_png(result["history"], ["train_loss", "val_macro_f1", "val_accuracy"],
                                            out / "curves.png", "diagnosis training"))}
-    cams = []
-    n = int(cfg.get("scorecam_per_class") or 0)
-    if n > 0:
-        test_idx = result["test_index"]
-        y = data.targets[test_idx]
-        pick = np.concatenate([test_idx[y == c][:n] for c in range(len(DIAGNOSIS_CLASSES))]).astype(int)
-        if len(pick):
-            images = data.float_images(pick)
-            maps, classes = score_cam(result["model"], images, max_channels=cfg.get("scorecam_max_channels"))
-            for j, i in enumerate(pick):
-                true = DIAGNOSIS_CLASSES[int(data.targets[i])]
-                pred = DIAGNOSIS_CLASSES[int(classes[j])]
-                key = data.records[i]["key"] if data.records else str(i)
-                p = plots.overlay_png(images[j, 0], maps[j], out / "scorecam" / f"{true}_{key}.png",
-                                      f"{key}: true {true}, Score-CAM for predicted {pred}")
-                cams.append(str(p))
+    cams = scorecam_overlays(result, data, out / "scorecam", int(cfg.get("scorecam_per_class") or 0),
+                             cfg.get("scorecam_max_channels"))
     files["scorecam"] = cams
     metrics = {"task": "diagnosis", "classes": list(DIAGNOSIS_CLASSES), "backbone": cfg["backbone"],
                "counts": result["counts"], "best_epoch": result["best_epoch"], "val": result["val"],

@@ -29,7 +29,7 @@ def collect_trials(experiment_path: str, metric: str, mode: str) -> list[dict]:
     frames = ea.trial_dataframes
     rows = []
     for i, trial in enumerate(sorted(ea.trials, key=lambda t: t.trial_id)):
-        df = frames.get(trial.trial_id)
+        df = _last_attempt(frames.get(trial.trial_id))
         curve = [float(v) for v in df[metric].tolist()] if df is not None and metric in df else []
         complete = bool(df is not None and "complete" in df and len(df) and float(df["complete"].iloc[-1]) >= 1)
         finite = [v for v in curve if math.isfinite(v)]
@@ -47,6 +47,16 @@ def collect_trials(experiment_path: str, metric: str, mode: str) -> list[dict]:
                      "last": curve[-1] if curve else float("nan"), "curve": curve,
                      "config": dict(trial.config), "error": err})
     return rows
+
+
+def _last_attempt(df):
+    """Rows of the trial's last attempt: a retried or resumed trial without a checkpoint starts over at
+    training_iteration 1, and progress.csv keeps the earlier attempt's rows above it."""
+    if df is None or "training_iteration" not in df or not len(df):
+        return df
+    it = df["training_iteration"].to_numpy()
+    starts = [i for i in range(len(it)) if i == 0 or it[i] <= it[i - 1]]
+    return df.iloc[starts[-1]:]
 
 
 def _error_line(trial) -> str:

@@ -1,4 +1,4 @@
-"""3-class diagnosis: label mapping, metrics, learning phantom classes, and the CLI's outputs and errors."""
+"""3-class diagnosis: label mapping, metrics, learning phantom classes, outputs, compare, and the CLI."""
 from __future__ import annotations
 
 import json
@@ -7,22 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from fixtures_downstream import SIZE, diagnosis_set, phantom_shards, trained_diagnosis
 
 from downstream.data import DIAGNOSIS_CLASSES, diagnosis_target
 from downstream.metrics import classification_metrics
-
-
-@pytest.fixture(scope="module")
-def covid_shards(tmp_path_factory):
-    """Phantoms in the ieee8023 format (covid / pneumonia / normal), built into 64 px shards."""
-    from shards.__main__ import main as shards_main
-    from shards.synth import synth_covid
-
-    root = tmp_path_factory.mktemp("dx")
-    synth_covid(root / "raw" / "covid-chestxray", 150, size=128, seed=3)
-    shards_main(["build", "covid-chestxray", "--src", str(root / "raw" / "covid-chestxray"),
-                 "--out", str(root / "shards"), "--size", "64", "--workers", "1"])
-    return root / "shards"
+from runkit.errors import UserError
 
 
 def test_label_mapping_follows_seed_004():
@@ -51,62 +40,100 @@ def test_classification_metrics_by_hand():
 
 
 @pytest.mark.slow
-def test_small_model_learns_phantom_classes(covid_shards):
-    from downstream.diagnosis import train_diagnosis
-
-    rows = []
-    res = train_diagnosis({"shards": [str(covid_shards)], "backbone": "scratch:resnet18", "image_size": 64,
-                           "epochs": 6, "batch_size": 16, "lr": 3e-3, "backbone_lr": 3e-3, "affine": False,
-                           "progress": False, "resplit": True}, report=rows.append)
-    assert [r["epoch"] for r in rows] == list(range(1, 7)) and all("val_macro_f1" in r for r in rows)
+def test_small_model_learns_phantom_classes(tmp_path_factory):
+    res, rows = trained_diagnosis(tmp_path_factory)
+    epochs = res["config"]["epochs"]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)) and all("val_macro_f1" in r for r in rows)
+    assert res["best_epoch"] == 1 + int(np.argmax([r["val_macro_f1"] for r in rows]))
     t = res["test"]
-    assert t["n"] >= 25
+    assert t["n"] == len(res["test_index"]) >= 25
+    assert set(res["counts"]) == {"train", "val", "test"} and min(res["counts"]["train"]) > 30
     assert t["balanced_accuracy"] > 0.55, t  # chance is 1/3
-    assert t["macro_auroc"] > 0.7, t
+    assert t["macro_auroc"] > 0.75, t       # chance is 0.5
 
 
-def test_cli_writes_metrics_plots_and_scorecam(covid_shards, tmp_path, repo_root):
-    out = tmp_path / "dx"
-    cmd = [sys.executable, "launch/downstream.py", "diagnosis", "--shards", str(covid_shards),
-           "--backbone", "scratch:resnet18", "--image-size", "64", "--epochs", "1", "--batch-size", "16",
-           "--mode", "partial", "--unfreeze", "2", "--balance", "weights", "--scorecam-per-class", "1",
-           "--scorecam-max-channels", "32", "--out", str(out), "--wandb", "disabled", "--no-progress"]
+@pytest.mark.slow
+def test_outputs_metrics_confusion_and_scorecam(tmp_path_factory, tmp_path):
+    from downstream.diagnosis import write_outputs
+
+    res, _ = trained_diagnosis(tmp_path_factory)
+    files = write_outputs(res, res["data"], tmp_path / "dx")
+    m = json.loads((tmp_path / "dx" / "metrics.json").read_text())
+    assert set(m["test"]["per_class"]) == set(DIAGNOSIS_CLASSES)
+    for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_auroc"):
+        assert m["test"][k] == pytest.approx(res["test"][k])
+    assert np.sum(m["test"]["confusion"]) == m["test"]["n"]
+    assert (tmp_path / "dx" / "confusion.png").stat().st_size > 1000
+    cams = sorted(p.name for p in (tmp_path / "dx" / "scorecam").glob("*.png"))
+    assert len(cams) == len(files["scorecam"]) == 3  # one per class
+    assert {c.split("_", 1)[0] for c in cams} == set(DIAGNOSIS_CLASSES)
+
+
+def test_compare_reports_mean_sd_over_seeds(tmp_path_factory):
+    from downstream.compare import compare_initialisations, table
+    from downstream.data import split_indices
+
+    data = diagnosis_set(tmp_path_factory)
+    splits = split_indices(data)
+    seen = []
+    cfg = {"image_size": SIZE, "mode": "linear", "epochs": 3, "lr": 0.01, "progress": False}
+    result = compare_initialisations(cfg, ["scratch:resnet18", "scratch:resnet34"], [0, 1, 2], data=data,
+                                     splits=splits, names=["r18", "r34"],
+                                     on_result=lambda n, s, r: seen.append((n, s, r["test"]["n"])))
+    assert len(result["runs"]) == 6 and [s[:2] for s in seen][:3] == [("r18", 0), ("r18", 1), ("r18", 2)]
+    assert all(n == len(splits["test"]) for *_, n in seen)
+    f1 = [r["macro_f1"] for r in result["runs"] if r["init"] == "r18"]
+    assert result["summary"]["r18"]["macro_f1"]["mean"] == pytest.approx(np.mean(f1))
+    assert result["summary"]["r18"]["macro_f1"]["sd"] == pytest.approx(np.std(f1, ddof=1))
+    assert "| r34 |" in table(result) and "±" in table(result)
+
+
+def test_user_errors_in_process(tmp_path_factory, tmp_path):
+    from downstream.cli import parse, run
+
+    shards = phantom_shards(tmp_path_factory)[1]
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["diagnosis", "--shards", str(tmp_path / "empty"), "--backbone", "scratch:resnet18"], "no \\*.tar"),
+        (["diagnosis", "--shards", str(shards), "--backbone", "imagenet"], "not understood"),
+        (["compare", "--shards", str(shards), "--backbones", "scratch:resnet18", "scratch:resnet34",
+          "--names", "a b", "a_b"], "not distinct"),
+        (["compare", "--shards", str(shards), "--backbones", "scratch:resnet18", "--names", "a", "b"], "--names"),
+        (["diagnosis", "--shards", str(shards), "--mode", "linear", "--backbone", "scratch:resnet18",
+          "--image-size", "32", "--epochs", "0"], "epochs"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(UserError, match=message):
+            run(parse([*argv, "--out", str(tmp_path / "o"), "--wandb", "disabled", "--no-progress"]))
+
+
+def test_cli_user_error_exits_2(tmp_path, repo_root):
+    done = subprocess.run([sys.executable, "launch/downstream.py", "diagnosis", "--backbone", "scratch:resnet18",
+                           "--out", str(tmp_path / "o"), "--wandb", "disabled"], cwd=repo_root, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-1500:]
+    assert "needs --shards" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_cli_compare_writes_table_confusion_and_scorecam(tmp_path_factory, tmp_path, repo_root):
+    """The package's one end-to-end CLI run: compare, with the first seed's figures per initialisation."""
+    shards = phantom_shards(tmp_path_factory)[1]
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "launch/downstream.py", "compare", "--shards", str(shards),
+           "--backbones", "scratch:resnet18", "scratch:resnet18", "--names", "ssl (genesis)", "scratch",
+           "--seeds", "0", "1", "--mode", "linear", "--epochs", "2", "--lr", "0.01", "--image-size", str(SIZE),
+           "--scorecam-per-class", "1", "--scorecam-max-channels", "16",
+           "--out", str(out), "--wandb", "disabled", "--no-progress"]
     done = subprocess.run(cmd, cwd=repo_root, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert str(out / "metrics.json") in done.stdout
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["test"]["per_class"]) == set(DIAGNOSIS_CLASSES)
-    for k in ("accuracy", "macro_f1", "balanced_accuracy", "macro_auroc"):
-        assert 0 <= m["test"][k] <= 1
-    assert (out / "confusion.png").stat().st_size > 1000
-    assert len(list((out / "scorecam").glob("*.png"))) == 3
+    assert len(m["runs"]) == 4 and set(m["summary"]) == {"ssl (genesis)", "scratch"}
+    assert "| scratch |" in (out / "compare_table.md").read_text()
+    for label in ("ssl_genesis", "scratch"):
+        assert (out / f"confusion_{label}.png").stat().st_size > 1000
+        cams = list((out / "scorecam" / label).glob("*.png"))
+        assert len(cams) == 3 and {p.name.split("_", 1)[0] for p in cams} == set(DIAGNOSIS_CLASSES)
+        assert m["files"][f"confusion_{label}"] == str(out / f"confusion_{label}.png")
     assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
-
-
-def test_compare_reports_mean_sd_over_seeds(covid_shards, tmp_path, repo_root):
-    out = tmp_path / "cmp"
-    cmd = [sys.executable, "launch/downstream.py", "compare", "--shards", str(covid_shards),
-           "--backbones", "scratch:resnet18", "scratch:resnet34", "--names", "r18", "r34", "--seeds", "0", "1", "2",
-           "--mode", "linear", "--epochs", "3", "--lr", "0.01", "--image-size", "64", "--out", str(out),
-           "--wandb", "disabled", "--no-progress"]
-    done = subprocess.run(cmd, cwd=repo_root, check=False, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    m = json.loads((out / "metrics.json").read_text())
-    assert len(m["runs"]) == 6
-    f1 = [r["macro_f1"] for r in m["runs"] if r["init"] == "r18"]
-    assert m["summary"]["r18"]["macro_f1"]["mean"] == pytest.approx(np.mean(f1))
-    assert m["summary"]["r18"]["macro_f1"]["sd"] == pytest.approx(np.std(f1, ddof=1))
-    assert "| r34 |" in (out / "compare_table.md").read_text()
-
-
-@pytest.mark.parametrize("args, message", [
-    (["diagnosis", "--backbone", "scratch:resnet18", "--out", "{tmp}/o"], "needs --shards"),
-    (["diagnosis", "--shards", "{tmp}/nothing", "--backbone", "scratch:resnet18", "--out", "{tmp}/o"], "nothing"),
-    (["diagnosis", "--shards", "{shards}", "--backbone", "imagenet", "--out", "{tmp}/o"], "not understood"),
-])
-def test_cli_user_errors_exit_2(args, message, covid_shards, tmp_path, repo_root):
-    args = [a.format(tmp=tmp_path, shards=covid_shards) for a in args]
-    done = subprocess.run([sys.executable, "launch/downstream.py", *args, "--wandb", "disabled"], cwd=repo_root,
-                          check=False, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr[-1500:]
-    assert message in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,98 @@
+"""Which DeepSpeed checkpoint tags are complete, and pruning old ones.
+
+DeepSpeed writes a tag folder, then a `latest` file; a kill -9 between files (or a full disk) can leave a
+tag folder that looks present but is not loadable. After every rank's `save_checkpoint` returns and a
+barrier passes, rank 0 writes `<tag>/COMPLETE.json` listing every file with its size. Resume considers only
+tags whose marker exists and whose files all still have those sizes, newest first; `latest` is ignored.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from runkit.atomic import atomic_write_json
+
+MARKER = "COMPLETE.json"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def tag_step(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def mark_complete(ckpt_dir: str | Path, tag: str, info: dict) -> Path:
+    """Record the files of a finished tag; written last, atomically, by rank 0 after a barrier."""
+    d = Path(ckpt_dir) / tag
+    files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*"))
+             if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
+    if not files:
+        raise OSError(f"checkpoint {d} holds no files")
+    return atomic_write_json(d / MARKER, {**info, "tag": tag, "files": files})
+
+
+def verify(ckpt_dir: str | Path, tag: str) -> dict | None:
+    """The marker's content if the tag is complete and intact, else None."""
+    d = Path(ckpt_dir) / tag
+    try:
+        info = json.loads((d / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for rel, size in info.get("files", {}).items():
+        p = d / rel
+        if not p.is_file() or p.stat().st_size != size:
+            return None
+    return info if info.get("files") else None
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[tuple[int, str, dict]]:
+    """(step, tag, marker) of every intact checkpoint, oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        step = tag_step(p.name)
+        if step is None or not p.is_dir():
+            continue
+        info = verify(d, p.name)
+        if info is not None:
+            out.append((step, p.name, info))
+    return sorted(out)
+
+
+def latest_complete(ckpt_dir: str | Path) -> tuple[int, str, dict] | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def prune(ckpt_dir: str | Path, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` complete tags, and incomplete tags older than the newest one."""
+    d = Path(ckpt_dir)
+    tags = complete_tags(d)
+    if not tags:
+        return []
+    keep = {t for _, t, _ in tags[-max(1, keep_last):]}
+    newest = tags[-1][0]
+    removed = []
+    for p in d.iterdir():
+        step = tag_step(p.name)
+        if step is None or p.name in keep or not p.is_dir():
+            continue
+        if step < newest:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return sorted(removed)
+
+
+def remove_partial(ckpt_dir: str | Path, tag: str) -> None:
+    """Drop a tag whose save failed (e.g. disk full), so it never shadows the previous complete one."""
+    p = Path(ckpt_dir) / tag
+    if p.is_dir() and verify(ckpt_dir, tag) is None:
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,553 @@
+"""DeepSpeed training loop for Models Genesis restoration: train, validate, checkpoint, export, log.
+
+Step-based: `--max-steps` optimizer steps; the streamed loader is rebuilt every `--epoch-size` samples.
+Batch sizes: `--batch-size` is the micro-batch per rank; gradient accumulation comes from the DeepSpeed
+JSON; `train_batch_size` is derived as micro * accumulation * world size. A JSON that states a different
+`train_batch_size` is a UserError rather than a silent override. The learning rate is `--lr` at an
+effective batch of 256, scaled linearly: lr = base_lr * effective_batch / 256.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain import checkpoint as ckpt
+from runkit.errors import UserError
+
+DEFAULT_DS_CONFIG = "launch/configs/ds_cpu.json"
+VAL_SEED = 20240601
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf loss: training stops on every rank, after a diagnostic dump."""
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/pretrain.py",
+        description="Models Genesis restoration pretraining of a U-Net+CBAM on DeepSpeed.")
+    a = p.add_argument
+    a("--config", help="experiment YAML; its keys are these flags, explicit flags win")
+    a("--train-shards", help="shard list, glob or brace pattern of the training shards")
+    a("--val-shards", default=None, help="validation shards (optional)")
+    a("--out", help="run folder; an existing one is resumed from its last complete checkpoint")
+    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+      help=f"DeepSpeed JSON (default {DEFAULT_DS_CONFIG} on CPU, launch/configs/ds_zero2_bf16.json on GPU)")
+    a("--encoder", default="densenet121", help="smp encoder: densenet121, resnet18/34/50 or tu-<timm name>")
+    a("--image-size", type=int, default=224, help="side in px, a multiple of 32")
+    a("--batch-size", type=int, default=None, help="micro-batch per rank (default: from the DeepSpeed JSON)")
+    a("--max-steps", type=int, default=1000, help="optimizer steps in total (the lr schedule's length)")
+    a("--max-minutes", type=float, default=None,
+      help="wall-clock budget: stop early (validate, checkpoint, export) once it is spent")
+    a("--epoch-size", type=int, default=10000, help="samples per streamed epoch (all ranks together)")
+    a("--checkpoint-every", type=int, default=500)
+    a("--keep-last", type=int, default=2, help="complete checkpoints kept")
+    a("--lr", type=float, default=1e-3, help="base learning rate at an effective batch of 256")
+    a("--weight-decay", type=float, default=1e-4)
+    a("--warmup-steps", type=int, default=100)
+    a("--min-lr-ratio", type=float, default=0.01, help="final lr as a fraction of the peak")
+    a("--loss", default="ssim", choices=["ssim", "ms-ssim", "ssim+l1"])
+    a("--l1-weight", type=float, default=0.1)
+    a("--cbam-encoder", action=argparse.BooleanOptionalAction, default=False)
+    a("--cbam-decoder", action=argparse.BooleanOptionalAction, default=True)
+    a("--genesis", type=json.loads, default=None,
+      help="Genesis transform settings as JSON (or a mapping under `genesis:` in the YAML)")
+    a("--val-every", type=int, default=500)
+    a("--val-max-samples", type=int, default=None, help="cap on validation samples per evaluation")
+    a("--log-every", type=int, default=10)
+    a("--seed", type=int, default=0)
+    a("--num-workers", type=int, default=2)
+    a("--shuffle-buffer", type=int, default=1000)
+    a("--wandb-project", default="xray-genesis")
+    a("--wandb-group", default=None)
+    a("--wandb-name", default=None)
+    a("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
+      help="default: offline unless WANDB_API_KEY is set")
+    a("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted for DeepSpeed-style command lines
+    a("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    # Fault injection and test hooks; hidden from --help.
+    a("--debug-keys", default=None, help=argparse.SUPPRESS)
+    a("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    a("--debug-enospc-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    a("--debug-step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Cheap checks of user input, before any process group or model exists."""
+    from pretrain.model import check_encoder_name
+
+    for flag in ("train_shards", "out"):
+        if not getattr(args, flag):
+            raise UserError(f"--{flag.replace('_', '-')} is required")
+    if args.image_size <= 0 or args.image_size % 32:
+        raise UserError(f"--image-size {args.image_size} must be a positive multiple of 32 (the U-Net downsamples 5 times)")
+    for flag in ("max_steps", "epoch_size", "checkpoint_every", "keep_last", "val_every", "log_every"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.genesis is not None and not isinstance(args.genesis, dict):
+        raise UserError("--genesis must be a mapping of transform settings")
+    make_corruptor(args.genesis)
+    check_encoder_name(args.encoder)
+    if args.loss == "ms-ssim":
+        from pretrain.loss import RestorationLoss
+
+        RestorationLoss("ms-ssim", image_size=args.image_size)
+
+
+def load_ds_config(path: str | None, *, micro_batch: int | None, world_size: int) -> dict:
+    """Read the DeepSpeed JSON and fill in the batch sizes; an inconsistent train_batch_size is a UserError."""
+    if path is None:
+        path = "launch/configs/ds_zero2_bf16.json" if torch.cuda.is_available() else DEFAULT_DS_CONFIG
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"DeepSpeed config {p} does not exist")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"DeepSpeed config {p} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"DeepSpeed config {p} must be a JSON object")
+    cfg_micro = cfg.get("train_micro_batch_size_per_gpu")
+    micro = micro_batch or (cfg_micro if isinstance(cfg_micro, int) else None) or 16
+    accum = cfg.get("gradient_accumulation_steps", 1)
+    if accum == "auto":
+        accum = 1
+    if not isinstance(accum, int) or accum < 1:
+        raise UserError(f"DeepSpeed config {p}: gradient_accumulation_steps must be a positive integer")
+    effective = micro * accum * world_size
+    stated = cfg.get("train_batch_size")
+    if stated not in (None, "auto") and stated != effective:
+        raise UserError(f"DeepSpeed config {p}: train_batch_size {stated} != micro batch {micro} x "
+                        f"gradient_accumulation_steps {accum} x world size {world_size} = {effective}; "
+                        "remove train_batch_size to derive it")
+    if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
+        raise UserError(f"DeepSpeed config {p}: bf16 and fp16 cannot both be enabled")
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["gradient_accumulation_steps"] = accum
+    cfg["train_batch_size"] = effective
+    cfg.setdefault("steps_per_print", 10 ** 9)  # we print our own loss lines
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- distributed
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the launcher's process group, or make a 1-process one for `python launch/pretrain.py`."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _broadcast(obj: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [obj]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -------------------------------------------------------------------------------------- transforms
+
+def make_corruptor(genesis: dict | None):
+    """(x, generator) -> (corrupted, target); an unknown or bad Genesis option is a UserError now."""
+    from pretrain.transforms import GenesisConfig, genesis_batch
+
+    cfg = GenesisConfig.from_dict(genesis)
+    return lambda x, g: genesis_batch(x, cfg, g)
+
+
+# --------------------------------------------------------------------------------------------- run
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point after argument parsing: returns the process exit code."""
+    check_args(args)
+    from shards.stream import expand_urls
+
+    train_urls = expand_urls(args.train_shards)
+    val_urls = expand_urls(args.val_shards) if args.val_shards else []
+    rank, world, local_rank = init_distributed()
+    ds_config = load_ds_config(args.deepspeed_config, micro_batch=args.batch_size, world_size=world)
+    trainer = Trainer(args, ds_config, train_urls, val_urls, rank, world, local_rank)
+    try:
+        trainer.train()
+    except NonFiniteLoss as exc:
+        print(f"pretrain: error: {exc}", file=sys.stderr, flush=True)
+        trainer.close()
+        return 3
+    trainer.close()
+    return 0
+
+
+class Trainer:
+    def __init__(self, args, ds_config, train_urls, val_urls, rank, world, local_rank):
+        import deepspeed
+
+        from pretrain.loss import RestorationLoss
+        from pretrain.model import build_unet
+        from runkit.config import save_resolved
+        from runkit.tracking import Tracker
+
+        self.args, self.rank, self.world = args, rank, world
+        self.train_urls, self.val_urls = train_urls, val_urls
+        self.out = Path(args.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+
+        micro = ds_config["train_micro_batch_size_per_gpu"]
+        accum = ds_config["gradient_accumulation_steps"]
+        self.micro, self.accum = micro, accum
+        self.effective_batch = ds_config["train_batch_size"]
+        self.lr = args.lr * self.effective_batch / 256.0
+        ds_config = copy.deepcopy(ds_config)
+        ds_config["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": args.max_steps, "warmup_num_steps": min(args.warmup_steps, args.max_steps),
+            "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": args.min_lr_ratio}}
+        self.model = build_unet(args.encoder, cbam_decoder=args.cbam_decoder, cbam_encoder=args.cbam_encoder)
+        if "optimizer" in ds_config:  # e.g. DeepSpeed's fused Adam on GPU; lr is always ours
+            ds_config["optimizer"].setdefault("params", {})["lr"] = self.lr
+            optimizer = None
+        else:
+            optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=args.weight_decay,
+                                          fused=self.device.type == "cuda")
+        self.ds_config = ds_config
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                                    model_parameters=self.model.parameters(),
+                                                    config=ds_config)
+        self.in_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
+                         else torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        self.loss_fn = RestorationLoss(args.loss, args.l1_weight, image_size=args.image_size)
+        self.corrupt = make_corruptor(args.genesis)
+
+        self.step, self.samples_seen, self.best = 0, 0, None
+        self.resumed_from = None
+        if rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_resolved({**vars(args), "world_size": world, "micro_batch": micro,
+                           "gradient_accumulation_steps": accum, "effective_batch": self.effective_batch,
+                           "scaled_lr": self.lr, "deepspeed": ds_config}, self.out)
+        self._resume()
+        self.tracker = Tracker(self.out, config=vars(args), enabled=rank == 0, project=args.wandb_project,
+                               group=args.wandb_group, name=args.wandb_name, mode=args.wandb_mode,
+                               job_type="pretrain")
+        self.debug_dir = Path(args.debug_keys) if args.debug_keys else None
+        if self.debug_dir is not None:
+            self.debug_dir.mkdir(parents=True, exist_ok=True)
+            (self.debug_dir / f"pid_rank{rank}.txt").write_text(str(os.getpid()))
+
+    # -------------------------------------------------------------------------------- checkpoints
+
+    def _resume(self) -> None:
+        found = ckpt.latest_complete(self.ckpt_dir) if self.rank == 0 else None
+        found = _broadcast(found)
+        if found is None:
+            return
+        _, tag, info = found
+        zero = self.engine.zero_optimization_stage()
+        if zero > 0 and info.get("world_size") not in (None, self.world):
+            raise UserError(f"checkpoint {self.ckpt_dir / tag} was written by {info['world_size']} ranks with "
+                            f"ZeRO stage {zero}; resume it with the same number of ranks")
+        load_path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
+        self.step = int(client["step"])
+        self.samples_seen = int(client["samples_seen"])
+        self.best = client.get("best_val_ssim")
+        if self.engine.global_steps != self.step:
+            raise RuntimeError(f"checkpoint {tag}: engine step {self.engine.global_steps} != saved step {self.step}")
+        self.resumed_from = tag
+        if self.rank == 0:
+            print(f"pretrain: resumed from {self.ckpt_dir / tag} at step {self.step} "
+                  f"({self.samples_seen} samples seen)", flush=True)
+
+    def save_checkpoint(self) -> bool:
+        """Save on all ranks; rank 0 marks the tag complete after a barrier, then prunes old tags."""
+        import torch.distributed as dist
+
+        tag = ckpt.tag_for(self.step)
+        client = {"step": self.step, "samples_seen": self.samples_seen, "data_seed": self.args.seed,
+                  "best_val_ssim": self.best, "effective_batch": self.effective_batch, "lr": self.lr}
+        failed = 0.0
+        try:
+            if self.args.debug_enospc_at_step == self.step:
+                _inject_enospc(self.ckpt_dir / tag)
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+        except OSError as exc:
+            failed = 1.0
+            err = exc
+        if _all_sum([failed], self.device)[0] > 0:
+            if self.rank == 0:
+                ckpt.remove_partial(self.ckpt_dir, tag)
+                prev = ckpt.latest_complete(self.ckpt_dir)
+                msg = f"pretrain: warning: checkpoint {tag} failed ({err if failed else 'on another rank'}); "
+                msg += f"the last complete one is {prev[1]}" if prev else "no complete checkpoint yet"
+                print(msg, file=sys.stderr, flush=True)
+            return False
+        dist.barrier()
+        if self.rank == 0:
+            try:
+                ckpt.mark_complete(self.ckpt_dir, tag, {"step": self.step, "world_size": self.world,
+                                                        "zero_stage": self.engine.zero_optimization_stage()})
+                ckpt.prune(self.ckpt_dir, self.args.keep_last)
+            except OSError as exc:
+                ckpt.remove_partial(self.ckpt_dir, tag)
+                print(f"pretrain: warning: checkpoint {tag} could not be completed ({exc})", file=sys.stderr)
+        dist.barrier()
+        return True
+
+    # ----------------------------------------------------------------------------------- training
+
+    def _train_loader(self):
+        from shards.stream import make_loader
+
+        # A fresh stream seed per (run seed, start step): a resumed run does not replay the same samples.
+        data_seed = self.args.seed * 1_000_003 + self.step
+        return make_loader(self.train_urls, mode="train", batch_size=self.micro, image_size=self.args.image_size,
+                           epoch_size=self.args.epoch_size, num_workers=self.args.num_workers,
+                           shuffle_buffer=self.args.shuffle_buffer, seed=data_seed, rank=self.rank,
+                           world_size=self.world)
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        args = self.args
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(args.seed * 7919 + self.rank * 104729 + self.step)
+        bar = tqdm(total=args.max_steps, initial=self.step, desc="pretrain", unit="step",
+                   disable=self.rank != 0, dynamic_ncols=True, file=sys.stdout)
+        loss_sum, loss_n, t0, imgs = 0.0, 0, time.perf_counter(), 0
+        t_start = t0
+        self.out_of_time = False
+        self.engine.train()
+        while self.step < args.max_steps and not self.out_of_time:
+            n_batches = 0
+            for batch in self._train_loader():
+                n_batches += 1
+                x = batch["image"].to(self.device, non_blocking=True)
+                with torch.no_grad():
+                    corrupted, target = self.corrupt(x, gen)
+                out = self.engine(corrupted.to(self.in_dtype))
+                loss = self.loss_fn(out, target)
+                if args.debug_nan_at_step is not None and self.step + 1 == args.debug_nan_at_step and self.rank == 0:
+                    loss = loss * float("nan")
+                if self.debug_dir is not None:
+                    with open(self.debug_dir / f"keys_rank{self.rank}.txt", "a") as f:
+                        f.write("".join(f"{self.step} {k}\n" for k in batch.get("key", [])))
+                out_of_time = (self.rank == 0 and args.max_minutes is not None
+                               and time.perf_counter() - t_start > 60 * args.max_minutes)
+                total, bad, stop = _all_sum([loss.item() if math.isfinite(loss.item()) else 0.0,
+                                             0.0 if math.isfinite(loss.item()) else 1.0, float(out_of_time)],
+                                            self.device)
+                if bad > 0:
+                    self._nan_dump(loss, batch, x, corrupted, out)
+                    raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} on {int(bad)} rank(s); "
+                                        f"diagnostics in {self.out / 'nan_dump.json'}")
+                self.engine.backward(loss)
+                lr_used = self.engine.get_lr()[0]  # the scheduler moves on inside step()
+                self.engine.step()
+                loss_sum += total / self.world
+                loss_n += 1
+                imgs += x.shape[0] * self.world
+                if self.engine.global_steps == self.step:
+                    continue  # inside a gradient accumulation window
+                self.step = self.engine.global_steps
+                self.samples_seen += self.effective_batch
+                bar.update(1)
+                if args.debug_step_sleep:
+                    time.sleep(args.debug_step_sleep)
+                if self.debug_dir is not None:
+                    self._write_param_checksum()
+                if self.step % args.log_every == 0 or self.step == args.max_steps or stop > 0:
+                    dt = time.perf_counter() - t0
+                    row = {"loss": loss_sum / max(1, loss_n), "lr": lr_used, "peak_lr": self.lr,
+                           "images_per_s": imgs / max(dt, 1e-9), "samples_seen": self.samples_seen,
+                           "effective_batch": self.effective_batch, "epoch": self.samples_seen / args.epoch_size}
+                    self.tracker.log(row, step=self.step)
+                    if self.rank == 0:
+                        bar.write(f"step {self.step:>7d}  loss {row['loss']:.4f}  lr {row['lr']:.3e}  "
+                                  f"{row['images_per_s']:.1f} img/s")
+                    loss_sum, loss_n, t0, imgs = 0.0, 0, time.perf_counter(), 0
+                self.out_of_time = self.out_of_time or stop > 0
+                last = self.step >= args.max_steps or self.out_of_time
+                if self.val_urls and (self.step % args.val_every == 0 or last):
+                    self.validate()
+                    self.engine.train()
+                if self.step % args.checkpoint_every == 0 or last:
+                    self.save_checkpoint()
+                if last:
+                    break
+            if n_batches == 0:
+                raise UserError(f"the training shards gave no batch of {self.micro} per rank "
+                                f"(--epoch-size {args.epoch_size}, {self.world} ranks)")
+        bar.close()
+        self._export_final()
+
+    def _write_param_checksum(self) -> None:
+        with torch.no_grad():
+            s = sum(p.detach().double().sum().item() for p in self.engine.module.parameters())
+        with open(self.debug_dir / f"params_rank{self.rank}.txt", "a") as f:
+            f.write(f"{self.step} {s:.12e}\n")
+
+    def _nan_dump(self, loss, batch, x, corrupted, out) -> None:
+        """Every rank writes its own view; rank 0's is nan_dump.json, others nan_dump_rank<R>.json."""
+        from runkit.atomic import atomic_write_json
+
+        def stats(t):
+            t = t.detach().float()
+            return {"shape": list(t.shape), "min": _f(t.min()), "max": _f(t.max()), "mean": _f(t.mean()),
+                    "nonfinite": int((~torch.isfinite(t)).sum())}
+
+        dump = {"step": self.step + 1, "rank": self.rank, "loss": str(loss.item()),
+                "keys": list(batch.get("key", [])), "batch_fields": sorted(batch),
+                "input": stats(x), "corrupted": stats(corrupted), "output": stats(out),
+                "lr": self.engine.get_lr()[0], "samples_seen": self.samples_seen,
+                "nonfinite_params": [n for n, p in self.engine.module.named_parameters()
+                                     if not torch.isfinite(p).all()][:20]}
+        name = "nan_dump.json" if self.rank == 0 else f"nan_dump_rank{self.rank}.json"
+        atomic_write_json(self.out / name, dump)
+
+    # --------------------------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        from pretrain.loss import psnr_per_sample, ssim_per_sample
+        from shards.stream import make_loader
+
+        self.engine.eval()
+        net = self.engine.module
+        loader = make_loader(self.val_urls, mode="eval", batch_size=self.micro, image_size=self.args.image_size,
+                             num_workers=min(self.args.num_workers, 1), rank=self.rank, world_size=self.world)
+        cap = self.args.val_max_samples
+        cap_rank = None if cap is None else -(-cap // self.world)
+        sums = [0.0] * 5  # ssim restored, ssim corrupted, psnr restored, psnr corrupted, count
+        grid = None
+        seen = 0
+        for i, batch in enumerate(loader):
+            if cap_rank is not None and seen >= cap_rank:
+                break
+            x = batch["image"].to(self.device)
+            if cap_rank is not None:
+                x = x[: cap_rank - seen]
+            seen += x.shape[0]
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(VAL_SEED + 1000 * self.rank + i)  # same corruption at every evaluation
+            corrupted, target = self.corrupt(x, gen)
+            restored = net(corrupted.to(self.in_dtype)).float()
+            s_r, s_c = ssim_per_sample(restored, target), ssim_per_sample(corrupted, target)
+            p_r, p_c = psnr_per_sample(restored, target), psnr_per_sample(corrupted, target)
+            for j, v in enumerate((s_r, s_c, p_r, p_c)):
+                sums[j] += v.double().sum().item()
+            sums[4] += x.shape[0]
+            if grid is None and self.rank == 0:
+                grid = (target[:8].cpu(), corrupted[:8].float().cpu(), restored[:8].cpu())
+        total = _all_sum(sums, self.device)
+        n = max(total[4], 1.0)
+        metrics = {"val/ssim": total[0] / n, "val/ssim_identity": total[1] / n, "val/psnr": total[2] / n,
+                   "val/psnr_identity": total[3] / n, "val/count": int(total[4])}
+        improved = total[4] > 0 and (self.best is None or metrics["val/ssim"] > self.best)
+        if improved:
+            self.best = metrics["val/ssim"]
+        metrics["val/best_ssim"] = self.best
+        if self.rank == 0:
+            self.tracker.log(metrics, step=self.step)
+            print(f"val step {self.step}: restored SSIM {metrics['val/ssim']:.4f} PSNR {metrics['val/psnr']:.2f} | "
+                  f"identity SSIM {metrics['val/ssim_identity']:.4f} PSNR {metrics['val/psnr_identity']:.2f} "
+                  f"(n={metrics['val/count']})", flush=True)
+            if grid is not None:
+                path = save_grid(self.out / "samples" / f"step_{self.step:08d}.png", *grid)
+                self.tracker.log_image("val/reconstructions", path, step=self.step,
+                                       caption="original | corrupted | restored")
+            if improved:
+                self._export(self.out, metrics)
+        return metrics
+
+    def _export(self, where: Path, metrics: dict | None) -> None:
+        from pretrain.model import export_encoder
+
+        meta = {"encoder": self.args.encoder, "image_size": self.args.image_size, "step": self.step,
+                "samples_seen": self.samples_seen, "effective_batch": self.effective_batch, "lr": self.lr,
+                "loss": self.args.loss, "val": metrics or {}}
+        export_encoder(self.engine.module, where, meta)
+
+    def _export_final(self) -> None:
+        """With validation, RUN/encoder.pt is the best one and RUN/last/ the final; without, RUN/ is final."""
+        if self.rank != 0:
+            return
+        where = self.out / "last" if self.val_urls else self.out
+        self._export(where, None)
+        print(f"pretrain: done at step {self.step}; encoder in {self.out / 'encoder.pt'}"
+              + (f" (best val SSIM {self.best:.4f}), final in {where}" if self.val_urls and self.best else ""),
+              flush=True)
+
+    def close(self) -> None:
+        self.tracker.finish()
+
+
+def _f(t) -> float | str:
+    v = float(t)
+    return v if math.isfinite(v) else str(v)
+
+
+def save_grid(path: Path, original, corrupted, restored) -> Path:
+    """One row per sample: original | corrupted | restored, written atomically as PNG."""
+    from torchvision.utils import make_grid
+
+    from runkit.atomic import atomic_write_bytes
+
+    rows = torch.stack([original, corrupted, restored], dim=1).flatten(0, 1).clamp(0, 1)
+    img = make_grid(rows, nrow=3, padding=2, pad_value=1.0)[0]
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).round().byte().numpy(), mode="L").save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _inject_enospc(tag_dir: Path) -> None:
+    """Test hook: behave like a disk that fills up half way through writing a checkpoint."""
+    import errno
+
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 1024)
+    raise OSError(errno.ENOSPC, "No space left on device (injected)", str(tag_dir))

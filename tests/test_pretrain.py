@@ -1,0 +1,222 @@
+"""Pretraining engine: config checks, checkpoint bookkeeping, and one 2-rank `deepspeed` run on tiny shards.
+
+The 2-rank run is a single launch that checks several things at once, because each DeepSpeed CPU launch
+costs seconds of start-up: disjoint data per rank, identical parameters across ranks after every step,
+falling loss, validation counting each sample once, exports, sample grids, metrics and config files.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretrain import checkpoint as ckpt
+from pretrain.engine import build_parser, check_args, load_ds_config
+from runkit.config import parse_layered
+from runkit.errors import UserError
+from runkit.tracking import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+DEEPSPEED = str(Path(PY).parent / "deepspeed")
+
+
+def _phantom(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth chest-like blob image: two dark lungs in a bright body, plus noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    body = 0.75 - 0.3 * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
+    for cx in (0.32, 0.68):
+        cx += rng.uniform(-0.04, 0.04)
+        body -= 0.35 * np.exp(-(((xx - cx) / 0.13) ** 2 + ((yy - 0.5) / 0.25) ** 2))
+    img = body + 0.03 * rng.standard_normal((size, size))
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def make_shards(out: Path, *, n_train_shards=8, per_shard=8, n_val=12, size=64, seed=0) -> dict[str, str]:
+    """Tiny shard folder in the project's format (`<key>.png` + `<key>.json`)."""
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(path, keys, split):
+        with wds.TarWriter(str(path)) as tw:
+            for key in keys:
+                buf = io.BytesIO()
+                Image.fromarray(_phantom(rng, size), mode="L").save(buf, format="PNG")
+                rec = {"key": key, "source": "phantom", "patient_id": key, "view": "PA", "split": split,
+                       "labels": {"diagnosis": None, "findings": [], "severity": None}, "meta": {}}
+                tw.write({"__key__": key, "png": buf.getvalue(), "json": json.dumps(rec).encode()})
+
+    for s in range(n_train_shards):
+        write(out / f"train-{s:06d}.tar", [f"tr{s:02d}_{i:03d}" for i in range(per_shard)], "train")
+    write(out / "val-000000.tar", [f"va_{i:03d}" for i in range(n_val // 2)], "val")
+    write(out / "val-000001.tar", [f"va_{i:03d}" for i in range(n_val // 2, n_val)], "val")
+    return {"train": str(out / "train-*.tar"), "val": str(out / "val-*.tar")}
+
+
+def base_cmd(shards: dict, out: Path, *extra: str) -> list[str]:
+    return ["launch/pretrain.py", "--train-shards", shards["train"], "--val-shards", shards["val"],
+            "--out", str(out), "--deepspeed_config", "launch/configs/ds_cpu.json", "--encoder", "resnet18",
+            "--image-size", "64", "--batch-size", "4", "--epoch-size", "64", "--num-workers", "1",
+            "--shuffle-buffer", "16", "--lr", "0.3", "--warmup-steps", "2", "--log-every", "1",
+            "--wandb-mode", "disabled", *extra]
+
+
+def run_env() -> dict:
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               DS_ACCELERATOR="cpu", TQDM_DISABLE="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------- fast unit tests
+
+def _args(*argv):
+    return parse_layered(build_parser(), list(argv))
+
+
+def test_bad_user_input_is_user_error(tmp_path):
+    ok = ["--train-shards", "x.tar", "--out", str(tmp_path)]
+    with pytest.raises(UserError, match="multiple of 32"):
+        check_args(_args(*ok, "--image-size", "100"))
+    with pytest.raises(UserError, match="unknown encoder"):
+        check_args(_args(*ok, "--encoder", "vgg_banana"))
+    with pytest.raises(UserError, match="ms-ssim needs"):
+        check_args(_args(*ok, "--loss", "ms-ssim", "--image-size", "128"))
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("encoder: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        _args("--config", str(bad_yaml))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("encodr: resnet18\n")
+    with pytest.raises(UserError, match="unknown key 'encodr'"):
+        _args("--config", str(typo))
+
+
+def test_yaml_then_cli_layering(tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("encoder: resnet18\nimage_size: 64\nmax-steps: 7\ngenesis: {flip_prob: 0.0}\n")
+    a = _args("--config", str(cfg), "--max-steps", "9", "--local_rank=1")
+    assert (a.encoder, a.image_size, a.max_steps, a.local_rank, a.genesis) == ("resnet18", 64, 9, 1, {"flip_prob": 0.0})
+    demo = _args("--config", str(REPO / "launch/configs/pretrain_demo.yaml"))
+    assert demo.image_size % 32 == 0
+
+
+def test_ds_config_batch_consistency(tmp_path):
+    cfg = load_ds_config(str(REPO / "launch/configs/ds_cpu.json"), micro_batch=4, world_size=2)
+    assert cfg["train_batch_size"] == 4 * cfg["gradient_accumulation_steps"] * 2
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8,
+                               "gradient_accumulation_steps": 2}))
+    with pytest.raises(UserError, match=r"train_batch_size 64 != micro batch 8 x gradient_accumulation_steps 2 x world size 2"):
+        load_ds_config(str(bad), micro_batch=None, world_size=2)
+    assert load_ds_config(str(bad), micro_batch=None, world_size=4)["train_batch_size"] == 64
+    with pytest.raises(UserError, match="does not exist"):
+        load_ds_config(str(tmp_path / "nope.json"), micro_batch=1, world_size=1)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_ds_config(str(tmp_path / "broken.json"), micro_batch=1, world_size=1)
+    for name in ("ds_cpu.json", "ds_zero2_bf16.json", "ds_zero1_fp16.json"):
+        json.loads((REPO / "launch/configs" / name).read_text())
+
+
+def test_checkpoint_markers_and_pruning(tmp_path):
+    d = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (d / ckpt.tag_for(step)).mkdir(parents=True)
+        (d / ckpt.tag_for(step) / "mp_rank_00_model_states.pt").write_bytes(b"x" * step)
+        ckpt.mark_complete(d, ckpt.tag_for(step), {"step": step, "world_size": 1})
+    (d / ckpt.tag_for(8)).mkdir()  # half-written: no marker
+    (d / ckpt.tag_for(8) / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (d / "latest").write_text(ckpt.tag_for(8))  # DeepSpeed's pointer is not trusted
+    assert ckpt.latest_complete(d)[0] == 6
+    # a file truncated after the marker was written makes the tag incomplete
+    (d / ckpt.tag_for(6) / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert ckpt.latest_complete(d)[0] == 4
+    removed = ckpt.prune(d, keep_last=1)
+    assert removed == [ckpt.tag_for(2)]
+    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == [ckpt.tag_for(s) for s in (4, 6, 8)]
+    ckpt.remove_partial(d, ckpt.tag_for(8))
+    assert not (d / ckpt.tag_for(8)).exists()
+
+
+def test_missing_shards_exit_2(tmp_path):
+    r = subprocess.run([PY, "launch/pretrain.py", "--train-shards", str(tmp_path / "none-*.tar"), "--out",
+                        str(tmp_path / "run"), "--image-size", "64"], cwd=REPO, env=run_env(),
+                       check=False, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("pretrain.py: error: shard pattern")
+    assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------ the 2-rank deepspeed run
+
+@pytest.mark.slow
+def test_two_rank_deepspeed_run(tmp_path):
+    shards = make_shards(tmp_path / "shards")
+    out, dbg = tmp_path / "run", tmp_path / "debug"
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
+           *base_cmd(shards, out, "--max-steps", "10", "--checkpoint-every", "5", "--keep-last", "1",
+                     "--val-every", "5", "--debug-keys", str(dbg))]
+    r = subprocess.run(cmd, cwd=REPO, env=run_env(), check=False, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+    # the ranks read different samples at every step (shards are resampled per rank)
+    keys = [{} for _ in range(2)]
+    for rank in range(2):
+        for line in (dbg / f"keys_rank{rank}.txt").read_text().splitlines():
+            step, key = line.split()
+            keys[rank].setdefault(int(step), set()).add(key)
+    assert sorted(keys[0]) == sorted(keys[1]) == list(range(10))
+    overlap = sum(len(keys[0][s] & keys[1][s]) for s in range(10))
+    assert overlap <= 10, f"ranks share {overlap} of 40 sample slots"
+    assert all(keys[0][s] != keys[1][s] for s in range(10))
+
+    # parameters identical across ranks after every step
+    sums = [dict(line.split() for line in (dbg / f"params_rank{r}.txt").read_text().splitlines()) for r in range(2)]
+    assert sorted(sums[0], key=int) == [str(s) for s in range(1, 11)]
+    assert sums[0] == sums[1]
+    assert sums[0]["1"] != sums[0]["10"]  # and they did change
+
+    rows = read_jsonl(out / "metrics.jsonl")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 10
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.02, losses
+    first = next(r for r in rows if "loss" in r)
+    assert first["effective_batch"] == 8 and first["images_per_s"] > 0
+    assert first["peak_lr"] == pytest.approx(0.3 * 8 / 256)  # lr scaled by the effective batch
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    # linear warmup from 0, then cosine decay below the scaled peak
+    assert lrs[0] == 0.0 and 0.9 * 0.3 * 8 / 256 < max(lrs) <= 0.3 * 8 / 256 + 1e-9 and lrs[-1] < max(lrs) / 2
+
+    vals = [r for r in rows if "val/ssim" in r]
+    assert [v["step"] for v in vals] == [5, 10]
+    assert all(v["val/count"] == 12 for v in vals)  # each val sample exactly once over both ranks
+    assert vals[-1]["val/ssim"] > vals[-1]["val/ssim_identity"] - 0.5
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000005.png", "step_00000010.png"]
+
+    enc = json.loads((out / "encoder.json").read_text())
+    assert enc["encoder"] == "resnet18" and enc["image_size"] == 64 and enc["step"] in (5, 10)
+    assert json.loads((out / "last" / "encoder.json").read_text())["step"] == 10
+    tags = [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()]
+    assert tags == ["step_00000010"]  # keep-last 1
+    assert ckpt.verify(out / "checkpoints", "step_00000010")["world_size"] == 2
+    assert "git_sha" in (out / "config.yaml").read_text()
+    assert "loss" in r.stdout and "img/s" in r.stdout
