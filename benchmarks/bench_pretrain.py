@@ -109,9 +109,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="resnet18 only, smaller sizes (for smoke tests)")
     a = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from pretrain.engine import init_distributed
+    from pretrain.engine import distributed
 
-    init_distributed()
+    with distributed():
+        return _report(a)
+
+
+def _report(a) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu count {os.cpu_count()}")
 
     rows = overhead("resnet18", 64 if a.quick else 128, a.batch, a.steps)

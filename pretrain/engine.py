@@ -9,6 +9,7 @@ effective batch of 256, scaled linearly: lr = base_lr * effective_batch / 256.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io
 import json
@@ -153,18 +154,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Join the launcher's process group, or make a 1-process one for `python launch/pretrain.py`."""
+@contextlib.contextmanager
+def distributed():
+    """Join the launcher's process group, or make a 1-process one for `python launch/pretrain.py`.
+
+    Yields (rank, world, local_rank). A group (and environment) this made is undone on exit, so an
+    in-process caller such as a test or a notebook is left as it was."""
     import deepspeed
     import torch.distributed as dist
 
+    saved_env = dict(os.environ)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -204,16 +217,16 @@ def run(args: argparse.Namespace) -> int:
 
     train_urls = expand_urls(args.train_shards)
     val_urls = expand_urls(args.val_shards) if args.val_shards else []
-    rank, world, local_rank = init_distributed()
-    ds_config = load_ds_config(args.deepspeed_config, micro_batch=args.batch_size, world_size=world)
-    trainer = Trainer(args, ds_config, train_urls, val_urls, rank, world, local_rank)
-    try:
-        trainer.train()
-    except NonFiniteLoss as exc:
-        print(f"pretrain: error: {exc}", file=sys.stderr, flush=True)
-        trainer.close()
-        return 3
-    trainer.close()
+    with distributed() as (rank, world, local_rank):
+        ds_config = load_ds_config(args.deepspeed_config, micro_batch=args.batch_size, world_size=world)
+        trainer = Trainer(args, ds_config, train_urls, val_urls, rank, world, local_rank)
+        try:
+            trainer.train()
+        except NonFiniteLoss as exc:
+            print(f"pretrain: error: {exc}", file=sys.stderr, flush=True)
+            return 3
+        finally:
+            trainer.close()
     return 0
 
 
