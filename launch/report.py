@@ -96,8 +96,8 @@ def write_report(out: Path, state: dict, *, preset: dict, device: str) -> Path:
     figs = out / "report"
     figs.mkdir(exist_ok=True)
     lines = ["# Demo report", "",
-             f"Preset `{preset['name']}` on {device}. Every number below is read from the run folders "
-             "beside this file; rerun with `make demo` (`make demo ARGS=--fresh` to start over).", ""]
+             (f"Preset `{preset['name']}` on {device}. Every number below is read from the run folders "
+              "beside this file; rerun with `make demo` (`make demo ARGS=--fresh` to start over)."), ""]
     checks = []
 
     lines += ["## Stage timing", "", "| stage | seconds |", "|---|---|"]
@@ -122,10 +122,10 @@ def write_report(out: Path, state: dict, *, preset: dict, device: str) -> Path:
         vals = [r for r in rows if "val/ssim" in r]
         if vals:
             v = vals[-1]
-            lines += ["| step | val images | SSIM restored | SSIM of corrupted input (identity) | PSNR restored | "
-                      "PSNR of corrupted input |", "|---|---|---|---|---|---|",
-                      f"| {v['step']} | {v.get('val/count', '')} | {v['val/ssim']:.4f} | {v['val/ssim_identity']:.4f} | "
-                      f"{v['val/psnr']:.2f} | {v['val/psnr_identity']:.2f} |", ""]
+            lines += [("| step | val images | SSIM restored | SSIM of corrupted input (identity) | PSNR restored | "
+                       "PSNR of corrupted input |"), "|---|---|---|---|---|---|",
+                      (f"| {v['step']} | {v.get('val/count', '')} | {v['val/ssim']:.4f} | "
+                       f"{v['val/ssim_identity']:.4f} | {v['val/psnr']:.2f} | {v['val/psnr_identity']:.2f} |"), ""]
             checks.append(("restoration SSIM above the identity baseline", v["val/ssim"] > v["val/ssim_identity"],
                            f"{v['val/ssim']:.4f} vs {v['val/ssim_identity']:.4f}"))
         grids = sorted((run / "samples").glob("*.png"))

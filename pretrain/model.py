@@ -179,7 +179,8 @@ def _strict_load(module: nn.Module, state: dict, path: Path) -> None:
         raise UserError(f"{path} does not match the architecture: missing keys {missing[:5]}"
                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected keys "
                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    module.load_state_dict(state, strict=True)
+    # nn.Module's own method: smp's DenseNetEncoder overrides load_state_dict without `strict`
+    nn.Module.load_state_dict(module, state, strict=True)
 
 
 def encoder_to_torchvision_densenet(state: dict) -> dict:

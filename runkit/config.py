@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -56,14 +57,14 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
     """The commit of the code that ran, or None outside a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+                             capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     sha = out.stdout.strip()
     if out.returncode != 0 or not sha:
         return None
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=cwd or Path(__file__).resolve().parent, capture_output=True, text=True)
+                           cwd=cwd or Path(__file__).resolve().parent, capture_output=True, text=True, check=False)
     return sha + ("-dirty" if dirty.stdout.strip() else "")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,18 @@ def default_wandb_mode() -> str:
     env = os.environ.get("WANDB_MODE")
     if env in WANDB_MODES:
         return env
+    return "online" if _has_wandb_login() else "offline"
+
+
+def _has_wandb_login() -> bool:
+    """A key in the environment, or one `wandb login` stored in ~/.netrc (never read into our logs)."""
     if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    return "offline"
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
 
 
 def _jsonable(v: Any) -> Any:
@@ -55,12 +65,15 @@ class Tracker:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out_dir / jsonl_name, "a", buffering=1)
+        self._jsonl = open(self.out_dir / jsonl_name, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if self.mode != "disabled":
             import wandb  # heavy, and optional at run time
 
-            if self.mode == "online" and not os.environ.get("WANDB_API_KEY"):
-                self.mode = "offline"  # online with no key would raise without a TTY
+            if self.mode == "online" and not _has_wandb_login():
+                # online with no key would prompt or raise without a TTY; never block a run on it
+                print("tracking: no W&B key (WANDB_API_KEY or `wandb login`); logging offline instead "
+                      "(`wandb sync` uploads the run later)", file=sys.stderr, flush=True)
+                self.mode = "offline"
             self._wandb_run = wandb.init(
                 project=project, group=group, name=name, job_type=job_type, dir=str(self.out_dir),
                 mode=self.mode, config=scrub_secrets(to_plain(config)) if config is not None else None,

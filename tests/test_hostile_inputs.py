@@ -21,6 +21,8 @@ from shards.sources import RawItem, Skipped, get_source
 
 SIZE = 32
 
+pytestmark = pytest.mark.faults  # `make test-faults` runs these with the heavy cases
+
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
@@ -135,7 +137,6 @@ def test_mutated_images_fast_subset():
     assert sum(r.startswith("skip") for r in results.values()) >= 15
 
 
-@pytest.mark.faults
 def test_mutated_images_fuzz():
     cases = mutations(n_per_base=80, seed=1)
     assert len(cases) >= 200

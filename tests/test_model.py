@@ -67,18 +67,19 @@ def test_timm_encoder_builds():
     assert model(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
 
 
-def test_export_loads_into_smp_and_load_encoder(tmp_path):
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
+def test_export_loads_into_smp_and_load_encoder(tmp_path, arch):
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(1)
-    model = build_unet("resnet18", cbam_encoder=True)
-    export_encoder(model, tmp_path, {"encoder": "resnet18", "image_size": 64, "step": 7, "val": {"val/ssim": 0.5}})
+    model = build_unet(arch, cbam_encoder=True)
+    export_encoder(model, tmp_path, {"encoder": arch, "image_size": 64, "step": 7, "val": {"val/ssim": 0.5}})
     desc = json.loads((tmp_path / "encoder.json").read_text())
     assert desc["format"] == "xray-genesis-encoder/1" and desc["step"] == 7 and desc["cbam_encoder"] is True
     assert desc["in_channels"] == 1 and desc["input_range"] == [0, 1] and desc["image_size"] == 64
     state = torch.load(tmp_path / "encoder.pt", weights_only=True)
-    fresh = smp.Unet("resnet18", in_channels=1, encoder_weights=None).encoder
-    fresh.load_state_dict(state, strict=True)
+    fresh = smp.Unet(arch, in_channels=1, encoder_weights=None).encoder
+    torch.nn.Module.load_state_dict(fresh, state, strict=True)
     x = torch.rand(2, 1, 64, 64)
     model.eval()
     fresh.eval()
@@ -87,7 +88,7 @@ def test_export_loads_into_smp_and_load_encoder(tmp_path):
         enc, d = load_encoder(tmp_path / "encoder.pt")
         enc.eval()
         assert torch.allclose(enc(x)[-1], model.encoder(x)[-1])
-    assert d["encoder"] == "resnet18"
+    assert d["encoder"] == arch
 
 
 def test_load_encoder_names_mismatched_keys(tmp_path):

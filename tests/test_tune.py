@@ -116,6 +116,7 @@ def test_cli_user_errors_and_asha_settings(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_severity_sweep_shared_features_failure_and_wandb(shard_dir, ray_cluster, tmp_path):
     """4 trials (2 regressors x fail; the failing two raise after their first fold) on features shared from the driver; offline W&B runs."""
     from downstream.tuning import SweepSettings, run_sweep
@@ -156,6 +157,7 @@ def _terminated(exp_dir: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_killed_sweep_resumes_without_redoing_finished_trials(shard_dir, ray_cluster, tmp_path):
     """Also the diagnosis sweep test: partial fine-tuning and linear probes on shared features, 3 trials."""
     space = _write_space(tmp_path / "dx.yaml", "mode: {grid: [partial, linear, partial]}\nunfreeze: 1\n"
