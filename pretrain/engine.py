@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
     a("--debug-enospc-at-step", type=int, default=None, help=argparse.SUPPRESS)
     a("--debug-step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
+    a("--debug-ckpt-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # see Trainer._debug_save_pause
     return p
 
 
@@ -258,8 +259,8 @@ class Trainer:
             "total_num_steps": args.max_steps, "warmup_num_steps": min(args.warmup_steps, args.max_steps),
             "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": args.min_lr_ratio}}
         self.model = build_unet(args.encoder, cbam_decoder=args.cbam_decoder, cbam_encoder=args.cbam_encoder)
-        if "optimizer" in ds_config:  # e.g. DeepSpeed's fused Adam on GPU; lr is always ours
-            ds_config["optimizer"].setdefault("params", {})["lr"] = self.lr
+        if "optimizer" in ds_config:  # e.g. DeepSpeed's fused Adam on GPU; lr and weight decay are always ours
+            ds_config["optimizer"].setdefault("params", {}).update(lr=self.lr, weight_decay=args.weight_decay)
             optimizer = None
         else:
             optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=args.weight_decay,
@@ -325,7 +326,8 @@ class Trainer:
         try:
             if self.args.debug_enospc_at_step == self.step:
                 _inject_enospc(self.ckpt_dir / tag)
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+            with self._debug_save_pause(tag):
+                self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
         except OSError as exc:
             failed = 1.0
             err = exc
@@ -348,6 +350,37 @@ class Trainer:
                 print(f"pretrain: warning: checkpoint {tag} could not be completed ({exc})", file=sys.stderr)
         dist.barrier()
         return True
+
+    @contextlib.contextmanager
+    def _debug_save_pause(self, tag: str):
+        """Test hook (--debug-ckpt-sleep S): on rank 0, after the first file of a checkpoint is written and
+        before the others, DeepSpeed's `latest` and COMPLETE.json, append the tag to
+        DEBUG/ckpt_saving_rank0.txt and sleep S seconds, so that a test can kill -9 the job mid-save."""
+        ce = self.engine.checkpoint_engine
+        if not self.args.debug_ckpt_sleep or self.rank != 0:
+            yield
+            return
+        orig, shadowed, paused = ce.save, "save" in vars(ce), False
+
+        def save(*a, **kw):
+            nonlocal paused
+            result = orig(*a, **kw)
+            if not paused:  # once per checkpoint
+                paused = True
+                if self.debug_dir is not None:
+                    with open(self.debug_dir / "ckpt_saving_rank0.txt", "a") as f:
+                        f.write(f"{tag}\n")
+                time.sleep(self.args.debug_ckpt_sleep)
+            return result
+
+        ce.save = save
+        try:
+            yield
+        finally:
+            if shadowed:
+                ce.save = orig
+            else:
+                del ce.save
 
     # ----------------------------------------------------------------------------------- training
 

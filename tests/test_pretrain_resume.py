@@ -1,4 +1,4 @@
-"""Faults during pretraining: kill -9 of a rank and resume, a half-written checkpoint, a full disk, NaN.
+"""Faults during pretraining: kill -9 of the whole job (also mid-save) or of one rank, then resume; a full disk; NaN.
 
 Each case launches the real entry point in subprocesses, as a user would, and checks what survives.
 """
@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from test_pretrain import DEEPSPEED, PY, REPO, base_cmd, free_port, make_shards, run_env
@@ -29,6 +31,136 @@ def _wait_for(pred, timeout: float, proc=None, what=""):
             pytest.fail(f"run exited ({proc.returncode}) before {what}:\n{out[-3000:]}\n{err[-3000:]}")
         time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}")
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc (Linux)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def _kill_job(proc: subprocess.Popen) -> str:
+    """kill -9 the whole job: the launcher's process group (launcher, ranks, loader workers). Returns stdout."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    _wait_for(lambda: not _group_alive(proc.pid), 30, what="every process of the killed job to exit")
+    return out
+
+
+def _steps(path: Path) -> dict[int, str]:
+    """step -> parameter checksum from a params_rank*.txt (a line being written is skipped)."""
+    rows = (line.split() for line in path.read_text().splitlines())
+    return {int(r[0]): r[1] for r in rows if len(r) == 2}
+
+
+def _lines(path: Path) -> list[str]:
+    """Complete lines of a file that another process appends to."""
+    text = path.read_text() if path.exists() else ""
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
+KILL_SEED = int(os.environ.get("PRETRAIN_KILL_SEED", "20261122"))
+
+
+# three 2-rank launches, 2-2.5 min on 2 loaded cores: in `make test` (the kill-one-rank case below is not)
+def test_kill_whole_job_at_random_step_and_mid_save_then_resume(tmp_path):
+    """kill -9 of the whole job twice, then the same command finishes the run.
+
+    1st launch: killed after a step drawn from a seeded RNG (PRETRAIN_KILL_SEED reproduces another draw).
+    2nd launch: resumes, and is killed while rank 0 is inside its first checkpoint save
+    (--debug-ckpt-sleep pauses after the model file, before the optimizer files, `latest` and COMPLETE.json).
+    3rd launch: resumes from the same complete checkpoint as the 2nd, never from the partial one, and finishes.
+    """
+    n_steps, every = 6, 2
+    kill_step = random.Random(KILL_SEED).randint(3, 5)
+    shards = make_shards(tmp_path / "shards")
+    out, dbg = tmp_path / "run", tmp_path / "debug"
+    cdir = out / "checkpoints"
+    args = base_cmd(shards, out, "--max-steps", str(n_steps), "--checkpoint-every", str(every), "--keep-last", "2",
+                    "--val-every", "100", "--debug-keys", str(dbg), "--debug-step-sleep", "0.2",
+                    "--debug-ckpt-sleep", "2.5")
+    saving = dbg / "ckpt_saving_rank0.txt"
+
+    def launch():
+        return subprocess.Popen([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args], cwd=REPO,
+                                env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    def resumed_line(step):
+        return f"pretrain: resumed from {cdir / ckpt.tag_for(step)} at step {step} ({step * 8} samples seen)"
+
+    # 1st launch: kill -9 of the whole job at a random step.
+    proc = launch()
+    try:
+        _wait_for(lambda: (dbg / "params_rank0.txt").is_file()
+                  and max(_steps(dbg / "params_rank0.txt"), default=0) >= kill_step, 300, proc, f"step {kill_step}")
+        _kill_job(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reached = max(_steps(dbg / "params_rank0.txt"))
+    resume = ckpt.latest_complete(cdir)[0]
+    why = f"seed {KILL_SEED}: killed at step {kill_step} (rank 0 reached {reached}), resume from {resume}"
+    # a save finishes (both barriers) before the next step starts; a kill can only tear the one at `reached`
+    saved = reached // every * every
+    assert resume == saved or (resume == saved - every and reached == saved), why
+    partial_a = {p.name for p in (cdir / ckpt.tag_for(saved)).glob("*")} if resume < saved else set()  # torn by it
+
+    # 2nd launch, same command: resumes, then kill -9 of the whole job in the middle of its first save.
+    n_saving = len(_lines(saving))
+    torn = ckpt.tag_for(resume + every)
+    proc = launch()
+    try:
+        _wait_for(lambda: len(_lines(saving)) > n_saving, 300, proc, f"the {torn} save to start")
+        assert _lines(saving)[n_saving] == torn, why
+        out2 = _kill_job(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert resumed_line(resume) in out2, why + "\n" + out2[-3000:]
+    files = {p.name for p in (cdir / torn).iterdir()}
+    assert "mp_rank_00_model_states.pt" in files and ckpt.MARKER not in files, files
+    if not partial_a:  # rank 0 was killed before writing its optimizer file
+        assert not any(f.startswith("zero_pp_rank_0_") for f in files), files
+    assert ckpt.verify(cdir, torn) is None and ckpt.latest_complete(cdir)[0] == resume
+    assert (cdir / "latest").read_text() != torn  # DeepSpeed had not got that far
+    # A kill between DeepSpeed's `latest` and COMPLETE.json leaves `latest` naming the partial tag: it is not trusted.
+    (cdir / "latest").write_text(torn)
+    params_b = [_steps(dbg / f"params_rank{k}.txt") for k in range(2)]
+    n_params = [len((dbg / f"params_rank{k}.txt").read_text().splitlines()) for k in range(2)]
+    n_rows = len(read_jsonl(out / "metrics.jsonl"))
+
+    # 3rd launch, same command: resumes from the last complete checkpoint and finishes.
+    r = subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args], cwd=REPO,
+                       env=run_env(), check=False, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, why + "\n" + r.stdout[-4000:] + r.stderr[-4000:]
+    assert resumed_line(resume) in r.stdout, why + "\n" + r.stdout[-3000:]
+    assert "resumed from" not in r.stdout.replace(resumed_line(resume), "")
+    assert f"pretrain: done at step {n_steps};" in r.stdout
+    # the step counter continues from the checkpoint, on both ranks, with identical parameters after every step
+    after = [dict(line.split() for line in (dbg / f"params_rank{k}.txt").read_text().splitlines()[n_params[k]:])
+             for k in range(2)]
+    assert sorted(map(int, after[0])) == list(range(resume + 1, n_steps + 1)), why
+    assert after[0] == after[1]
+    # the 2nd and 3rd launches restarted from the same state with the same data seed: same parameters
+    assert all(after[0][str(s)] == params_b[0][s] for s in range(resume + 1, resume + every + 1)), why
+    rows = [row for row in read_jsonl(out / "metrics.jsonl")[n_rows:] if "loss" in row]
+    assert [row["step"] for row in rows] == list(range(resume + 1, n_steps + 1))
+    assert all(row["samples_seen"] == row["step"] * 8 for row in rows)
+    # the final checkpoint is complete; keep-last 2 pruned the older ones
+    assert ckpt.latest_complete(cdir)[0] == n_steps
+    assert sorted(p.name for p in cdir.iterdir() if p.is_dir()) == [ckpt.tag_for(n_steps - every), ckpt.tag_for(n_steps)]
+    assert ckpt.verify(cdir, ckpt.tag_for(n_steps))["world_size"] == 2
+    assert json.loads((out / "last" / "encoder.json").read_text())["step"] == n_steps
 
 
 @pytest.mark.faults_heavy  # two 2-rank launches: 1-2.5 min on 2 shared cores; `make test-faults` runs it
