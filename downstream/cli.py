@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("severity", help="frozen-backbone regression of geographic extent and opacity")
     _common(p)
     p.add_argument("--features", default="pooled",
-                   help="pooled | pathologies (all outputs) | comma list, e.g. lung_opacity,pneumonia")
+                   help="pooled (last stage GAP) | multiscale (GAP of every encoder stage, concatenated) | "
+                        "pathologies (all outputs) | comma list, e.g. lung_opacity,pneumonia")
     p.add_argument("--regressor", choices=("ridge", "linear"), default="ridge")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0])
     p.add_argument("--targets", default="geographic_mean,opacity_mean")

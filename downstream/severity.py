@@ -22,11 +22,12 @@ from runkit.errors import UserError
 from shards.record import SEVERITY_RANGES
 
 FLIPS = ("none", "h", "v", "hv")
+FEATURE_KINDS = ("pooled", "multiscale", "pathologies")
 METRICS = ("mse", "mae", "pearson_r", "r2")
 
 SEVERITY_DEFAULTS = {
     "backbone": "scratch:densenet121", "shards": None, "image_size": None,
-    "features": "pooled",          # pooled | pathologies (all outputs) | comma list of output names
+    "features": "pooled",          # pooled | multiscale | pathologies (all outputs) | comma list of output names
     "regressor": "ridge",          # ridge (RidgeCV over `alphas`) | linear
     "alphas": [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0],
     "targets": list(SEVERITY_TARGETS),
@@ -60,18 +61,29 @@ def extract_features(backbone: Backbone, images: torch.Tensor, kind: str = "pool
                      flips=FLIPS, batch_size: int = 32, progress: bool = False) -> dict:
     """Frozen features for every flip: {"names": [...], flip: float32 array [N, D]}.
 
-    `kind`: "pooled" (the GAP vector, e.g. 1024-d for DenseNet-121) or "pathologies" (all named outputs;
-    pick subsets later with `columns` in `fit_severity_head`).
+    `kind`: "pooled" (the GAP vector of the last stage, e.g. 1024-d for DenseNet-121), "multiscale" (the
+    GAP vectors of every encoder stage, shallow -> deep, concatenated: e.g. 64+64+128+256+512 for ResNet-18;
+    see `downstream.scorecam.stage_maps`) or "pathologies" (all named outputs; pick subsets later with
+    `columns` in `fit_severity_head`).
     """
     from tqdm import tqdm
 
-    if kind not in ("pooled", "pathologies"):
-        raise UserError(f"feature kind {kind!r} is not pooled or pathologies")
+    from downstream.scorecam import stage_maps
+
+    if kind not in FEATURE_KINDS:
+        raise UserError(f"feature kind {kind!r} is not one of {', '.join(FEATURE_KINDS)}")
     if kind == "pathologies" and backbone.pathology_names is None:
         raise UserError(f"backbone {backbone.kind}:{backbone.arch} has no pathology outputs "
                         "(use xrv:FILE, chexnet:FILE or nih14:DIR, or --features pooled)")
     backbone.eval()
-    fn = backbone.pooled if kind == "pooled" else backbone.pathologies
+    widths: list[int] = []
+
+    def multiscale(x):
+        pooled = [m.mean(dim=(2, 3)) for m in stage_maps(backbone, x)]
+        widths[:] = [p.shape[1] for p in pooled]
+        return torch.cat(pooled, 1)
+
+    fn = {"pooled": backbone.pooled, "multiscale": multiscale, "pathologies": backbone.pathologies}[kind]
     out = {f: [] for f in flips}
     steps = range(0, len(images), batch_size)
     for s in tqdm(steps, desc="severity features", unit="batch", leave=False, disable=not progress):
@@ -81,13 +93,17 @@ def extract_features(backbone: Backbone, images: torch.Tensor, kind: str = "pool
             xf = x.flip(3) if "h" in f else x
             xf = xf.flip(2) if "v" in f else xf
             out[f].append(fn(xf).float().numpy())
-    names = (list(backbone.pathology_names) if kind == "pathologies"
-             else [f"f{i}" for i in range(backbone.num_features)])
+    if kind == "pathologies":
+        names = list(backbone.pathology_names)
+    elif kind == "multiscale":
+        names = [f"s{s}_f{i}" for s, w in enumerate(widths, 1) for i in range(w)]
+    else:
+        names = [f"f{i}" for i in range(backbone.num_features)]
     return {"names": names, **{f: np.concatenate(v) for f, v in out.items()}}
 
 
 def _columns(features: dict, columns) -> np.ndarray | slice:
-    if columns in (None, "", "all", "pooled", "pathologies"):
+    if columns in (None, "", "all", "pooled", "multiscale", "pathologies"):
         return slice(None)
     return np.asarray(select_pathologies(tuple(features["names"]), columns), dtype=int)
 
@@ -182,13 +198,13 @@ def run_severity(config: dict, *, data: ImageSet | None = None, backbone: Backbo
             raise UserError("severity needs --shards with severity-scored images")
         data = load_severity_data(cfg["shards"], int(cfg["image_size"] or backbone.image_size))
     spec = str(cfg["features"])
-    kind = "pooled" if spec == "pooled" else "pathologies"
+    kind = spec if spec in ("pooled", "multiscale") else "pathologies"
     flips = sorted(set(["none"] + cfg["train_flips"]), key=FLIPS.index)
     feats = extract_features(backbone, data.images, kind, flips=flips, batch_size=int(cfg["batch_size"]),
                              progress=bool(cfg["progress"]))
-    cfg["columns"] = None if spec in ("pooled", "pathologies", "all") else spec
+    cfg["columns"] = None if spec in ("pooled", "multiscale", "pathologies", "all") else spec
     result = fit_severity_head(feats, data.targets, cfg, groups=data.groups)
-    result["feature_names"] = feats["names"] if cfg["columns"] is None or kind == "pooled" else \
+    result["feature_names"] = feats["names"] if cfg["columns"] is None or kind != "pathologies" else \
         [feats["names"][i] for i in _columns(feats, cfg["columns"])]
     return result, cfg
 

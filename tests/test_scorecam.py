@@ -8,7 +8,7 @@ from fixtures_downstream import lesion_masks, trained_diagnosis
 
 from downstream.backbones import load_backbone
 from downstream.finetune import Classifier
-from downstream.scorecam import score_cam
+from downstream.scorecam import resolve_layer, score_cam, stage_maps
 
 
 def test_maps_have_image_shape_and_unit_range():
@@ -23,18 +23,52 @@ def test_maps_have_image_shape_and_unit_range():
     assert maps2.shape == (2, 64, 48) and float(maps2.max()) <= 1.0 and classes2.tolist() == [2, 2]
 
 
+def test_stage_maps_end_with_the_backbone_map_and_auto_layer_is_not_too_coarse():
+    from downstream.backbones import Backbone, DenseBody, _densenet121
+
+    torch.manual_seed(0)
+    bb = load_backbone("scratch:resnet18").eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        stages = stage_maps(bb, x)
+        assert [tuple(s.shape[1:]) for s in stages] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4),
+                                                       (512, 2, 2)]
+        assert torch.allclose(stages[-1], bb(x))
+        dense = Backbone(DenseBody(_densenet121(1, 18).features), 1024, kind="xrv", arch="densenet121",
+                         image_size=224, preprocess="xrv").eval()
+        dstages = stage_maps(dense, x)
+        assert [s.shape[-1] for s in dstages] == [32, 16, 8, 4, 2] and torch.allclose(dstages[-1], dense(x))
+    shapes = [tuple(s.shape[-2:]) for s in stages]
+    assert resolve_layer(shapes) == 3 and resolve_layer(shapes, -1) == 4 and resolve_layer(shapes, 0) == 0
+    assert resolve_layer([(112, 112), (56, 56), (28, 28), (14, 14), (7, 7)]) == 4  # 224 px: the paper's stage
+    assert resolve_layer([(4, 4), (2, 2), (1, 1)]) == 0 and resolve_layer([(2, 2), (1, 1)]) == 0
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layer(shapes, 5)
+    model = Classifier(bb, 3).eval()
+    for layer in (-1, 0, "auto"):
+        maps, _ = score_cam(model, x, max_channels=8, layer=layer)
+        assert maps.shape == (1, 64, 64) and 0.0 <= float(maps.min()) <= float(maps.max()) <= 1.0
+
+
 @pytest.mark.slow
-@pytest.mark.skip(reason="does not hold yet: with resnet18 at 64 px the last stage is 2x2, and the 5-epoch "
-                  "phantom model's maps gave inside 0.464 vs outside 0.472 (18 test images); needs a finer CAM "
-                  "layer or larger images - see the downstream report")
 def test_maps_are_higher_inside_the_lesion(tmp_path_factory):
-    """The phantom classifier's maps, on test images with a rendered lesion: mean inside vs outside the mask."""
+    """The phantom classifier's maps, on test images with a rendered lesion: mean inside vs outside the mask.
+
+    Maps explain each image's true class (covid or pneumonia, the lesion's class), on the default stage
+    ("auto": 4x4 at 64 px). Measured: inside 0.497 vs outside 0.351 (1.42x), 14 of 18 images higher inside;
+    the 2x2 last stage gave 1.24x (13 of 18, just over the bar), the predicted class's maps 1.25x (11 of 18).
+    """
     res, _ = trained_diagnosis(tmp_path_factory)
     data = res["data"]
     masks = lesion_masks(tmp_path_factory, data)
-    sick = [int(i) for i in res["test_index"] if data.targets[i] != 2 and masks[i].sum() >= 20]
+    sick = np.array([int(i) for i in res["test_index"] if data.targets[i] != 2 and masks[i].sum() >= 20])
     assert len(sick) >= 10
-    maps, _ = score_cam(res["model"], data.float_images(sick), max_channels=64)
+    images, labels = data.float_images(sick), torch.as_tensor(data.targets[sick]).long()
+    maps = torch.zeros(len(sick), *images.shape[-2:])
+    for c in labels.unique().tolist():
+        sel = (labels == c).nonzero().squeeze(1)
+        maps[sel], classes = score_cam(res["model"], images[sel], target=c, max_channels=64)
+        assert classes.tolist() == [c] * len(sel)
     inside = np.array([maps[j][torch.from_numpy(masks[i])].mean().item() for j, i in enumerate(sick)])
     outside = np.array([maps[j][~torch.from_numpy(masks[i])].mean().item() for j, i in enumerate(sick)])
     assert inside.mean() > 1.2 * outside.mean(), (inside.mean(), outside.mean())

