@@ -42,6 +42,7 @@ def pretrain(shards: list[str], work: Path, encoder: str, size: int, steps: int)
     cmd = [sys.executable, "launch/pretrain.py", "--train-shards", train, "--val-shards", val, "--out", str(run),
            "--encoder", encoder, "--image-size", str(size), "--batch-size", "16", "--max-steps", str(steps),
            "--epoch-size", "320", "--val-every", str(steps), "--checkpoint-every", str(steps),
+           "--lr", "0.05", "--warmup-steps", "15",  # the demo's rate: 0.05 * 16/256 = 3e-3 peak for Adam
            "--num-workers", "1", "--wandb-mode", "disabled"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not (run / "encoder.pt").is_file():
@@ -69,7 +70,9 @@ def main() -> int:
         work = Path(tmp)
         shards = build_shards(Path(args.data), work, args.size)
         data = load_diagnosis_data(shards, args.size)
-        splits = split_indices(data, seed=0, resplit=True)
+        # The shards' own patient-grouped splits: pretraining reads train-*.tar only, so no val or test
+        # image is seen, even unlabelled, before it is evaluated.
+        splits = split_indices(data, seed=0)
         counts = {s: dict(zip(DIAGNOSIS_CLASSES, [int((data.targets[i] == c).sum()) for c in range(3)]))
                   for s, i in splits.items()}
         print(f"images per split and class: {counts}")

@@ -37,7 +37,7 @@ TASKS = ("diagnosis", "severity")
 METRIC = {"diagnosis": ("val_macro_f1", "max"), "severity": ("val_mse", "min")}
 
 SEVERITY_TRIAL_DEFAULTS = {
-    "features": "pooled",      # pooled | pathologies | comma list of named outputs (xrv/chexnet/nih14 backbones)
+    "features": "pooled",      # pooled | multiscale | pathologies | comma list of named outputs (xrv/chexnet/nih14 backbones)
     "regressor": "ridge",      # linear | ridge (alpha) | mlp (sklearn MLPRegressor, L2 = alpha)
     "alpha": 1.0, "hidden": 32, "max_iter": 500,
     "flip": "none",            # none | h | v | hv (h, v and both): flipped copies of training rows + TTA
@@ -188,7 +188,8 @@ def resolve_severity_trial(config: dict) -> dict:
 
 
 def feature_kind(features: str) -> str:
-    return "pooled" if str(features) == "pooled" else "pathologies"
+    """The extractor a `features` value needs: pooled, multiscale, or pathologies (all/subsets of named outputs)."""
+    return str(features) if str(features) in ("pooled", "multiscale") else "pathologies"
 
 
 def severity_fold_metrics(feats: dict, targets: np.ndarray, cfg: dict, train_idx, eval_idx) -> dict:
@@ -198,7 +199,7 @@ def severity_fold_metrics(feats: dict, targets: np.ndarray, cfg: dict, train_idx
     from downstream.severity import fit_severity_head
 
     flips = FLIP_SETS[str(cfg["flip"])]
-    columns = None if str(cfg["features"]) in ("pooled", "pathologies", "all") else str(cfg["features"])
+    columns = None if str(cfg["features"]) in ("pooled", "multiscale", "pathologies", "all") else str(cfg["features"])
     if cfg["regressor"] in ("linear", "ridge"):
         head_cfg = {"regressor": cfg["regressor"], "alphas": [float(cfg["alpha"])], "targets": cfg["targets"],
                     "train_flips": flips, "tta": bool(cfg["tta"]), "columns": columns, "progress": False}

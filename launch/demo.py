@@ -34,9 +34,10 @@ PRESETS = {
         "n_nih": 480, "n_covid": 360, "synth_size": 128, "size": 64, "max_count": 64,
         "encoder": "densenet121", "image_size": 64, "batch_size": 8, "max_steps": 150, "epoch_size": 1200,
         "checkpoint_every": 50, "val_every": 75, "val_max_samples": 96, "lr": 0.05, "warmup_steps": 15,
-        # A full fine-tune, ~7 s an epoch here. Partial unfreezing (2-4 stages, 10-15 epochs) stayed near
-        # 0.45 balanced accuracy on these phantoms; a full fine-tune reached 0.60 in 6 epochs.
-        "diag_epochs": 8, "diag_seeds": [0, 1], "diag_mode": "full", "diag_unfreeze": 2,
+        # One seed of a full fine-tune, ~7 s an epoch here (`launch/downstream.py compare --seeds` runs
+        # more). Partial unfreezing (2-4 stages, 10-15 epochs) stayed near 0.45 balanced accuracy on these
+        # phantoms; a full fine-tune reached 0.60-0.65 in 6-8 epochs.
+        "diag_epochs": 8, "diag_seeds": [0], "diag_mode": "full", "diag_unfreeze": 2,
         "severity_repeats": 50,
         "sweep_samples": 8, "scorecam_per_class": 2,
     },
@@ -144,6 +145,8 @@ class Demo:
         sh([self.py, "launch/tune.py", "severity", "--shards", str(self.shards / "covid"),
             "--backbone", str(self.run / "encoder.pt"), "--image-size", str(self.p["image_size"]),
             "--space", "launch/configs/tune_severity.yaml", "--num-samples", str(self.p["sweep_samples"]),
+            # our encoder has no named pathology outputs: sweep the kinds of frozen features it has
+            "--set", "features={choice: [pooled, multiscale]}",
             "--cpus-per-trial", "1", "--out", str(out), "--wandb-mode", self.wandb_mode])
         return {"out": str(out)}
 

@@ -147,10 +147,12 @@ def write_report(out: Path, state: dict, *, preset: dict, device: str) -> Path:
             checks.append(("diagnosis accuracy well above chance (1/3)", acc > 0.5, f"{best}: {acc:.3f}"))
         for png in sorted(diag.glob("**/confusion*.png"))[:2]:
             lines += [_img(png, out, "confusion matrix", 320)]
-        cams = sorted(diag.glob("**/scorecam/**/*.png"))[:6]
-        if cams:
-            lines += ["", "Score-CAM overlays (last encoder stage):", "",
-                      " ".join(_img(c, out, "score-cam", 200) for c in cams)]
+        for init in sorted((diag / "scorecam").glob("*/")) if (diag / "scorecam").is_dir() else []:
+            cams = sorted(init.glob("**/*.png"))[:6]
+            if cams:
+                lines += ["", f"Score-CAM overlays, `{init.name}` model (deepest encoder stage at least 4 cells "
+                          "wide; file names give the true class):", "",
+                          " ".join(_img(c, out, "score-cam", 200) for c in cams)]
         lines.append("")
 
     sev = out / "severity"
