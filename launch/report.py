@@ -150,8 +150,8 @@ def write_report(out: Path, state: dict, *, preset: dict, device: str) -> Path:
         for init in sorted((diag / "scorecam").glob("*/")) if (diag / "scorecam").is_dir() else []:
             cams = sorted(init.glob("**/*.png"))[:6]
             if cams:
-                lines += ["", f"Score-CAM overlays, `{init.name}` model (deepest encoder stage at least 4 cells "
-                          "wide; file names give the true class):", "",
+                lines += ["", (f"Score-CAM overlays, `{init.name}` model (deepest encoder stage at least 4 cells "
+                               "wide; file names give the true class):"), "",
                           " ".join(_img(c, out, "score-cam", 200) for c in cams)]
         lines.append("")
 
