@@ -4,6 +4,8 @@
 
 Both run single-threaded by default (the numpy port is; the machine is shared), with the reference's
 probabilities. Rows: images/s per implementation and size. The final line is the smallest speed-up over sizes.
+The process keeps freed memory in its heap, as the pretraining entry point does (`runkit.allocator`);
+`--glibc-default` measures with glibc's default thresholds instead.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import genesis_reference as ref
 
 from pretrain.transforms import GenesisConfig, genesis_batch
+from runkit.allocator import keep_freed_memory
 
 
 def _time(fn, reps: int) -> float:
@@ -52,11 +55,14 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed calls of the batched version per size")
     ap.add_argument("--ref-reps", type=int, default=1, help="timed batches of the numpy port per size")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for the batched version")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="leave glibc's malloc thresholds as they are (the trainer raises them)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    heap = "glibc default" if args.glibc_default else f"freed memory kept: {keep_freed_memory()}"
     rows = [_measure(size, args) for size in tqdm(args.sizes, desc="sizes")]
 
-    print(f"\nModels Genesis transforms, CPU, batch {args.batch}, torch threads {args.threads}")
+    print(f"\nModels Genesis transforms, CPU, batch {args.batch}, torch threads {args.threads}, malloc: {heap}")
     print(f"{'size':>6} | {'numpy reference img/s':>22} | {'batched img/s':>14} | {'speed-up':>8}")
     print("-" * 62)
     for size, r, b, s in rows:

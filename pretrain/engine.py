@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pretrain import checkpoint as ckpt
+from runkit.allocator import keep_freed_memory
 from runkit.errors import UserError
 
 DEFAULT_DS_CONFIG = "launch/configs/ds_cpu.json"
@@ -214,6 +215,7 @@ def make_corruptor(genesis: dict | None):
 def run(args: argparse.Namespace) -> int:
     """Entry point after argument parsing: returns the process exit code."""
     check_args(args)
+    keep_freed_memory()                     # CPU steps reuse freed batch-sized blocks instead of page-faulting
     from shards.stream import expand_urls
 
     train_urls = expand_urls(args.train_shards)

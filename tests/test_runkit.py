@@ -140,3 +140,14 @@ def test_every_torch_load_uses_weights_only():
                 if "weights_only=True" not in m.group(1):
                     offenders.append(f"{py.relative_to(REPO)}: {m.group(0)[:80]}")
     assert not offenders, offenders
+
+
+def test_keep_freed_memory_raises_glibc_thresholds_once():
+    import platform
+
+    from runkit.allocator import keep_freed_memory
+
+    took = keep_freed_memory()
+    assert keep_freed_memory() is took                      # applied once per process
+    if platform.libc_ver()[0] == "glibc":
+        assert took is True

@@ -54,6 +54,28 @@ def test_shapes_dtype_range_and_determinism():
     assert torch.equal(GenesisTransform({"paint_prob": 0.5}, seed=7)(x)[0], a)
 
 
+def test_chunk_size_and_painting_kernel_do_not_change_the_result(monkeypatch):
+    """On CPU the pixels are made a few samples at a time and painted by rectangle copies; on a GPU in one
+    chunk with one mask. Every random draw is made first, so all of these give the same bits."""
+    import pretrain.transforms as T
+
+    x = _images(13)
+    for cfg in (GenesisConfig(), GenesisConfig(inpaint_prob=0.5, local_shuffle_prob=0.7, nonlinear_prob=0.5)):
+        want_c, want_t, info = genesis_batch(x, cfg, torch.Generator().manual_seed(5), chunk=13, return_info=True)
+        assert 0 < int(info["shuffle"].sum()) < 13 and int(info["inpaint"].sum()) > 0  # mixed chunks occur
+        for chunk in (1, 2, 5):
+            c, t = genesis_batch(x, cfg, torch.Generator().manual_seed(5), chunk=chunk)
+            assert torch.equal(c, want_c) and torch.equal(t, want_t), chunk
+        with monkeypatch.context() as m:
+            m.setattr(T, "_paint_by_boxes", T._paint_by_mask)
+            c, _ = genesis_batch(x, cfg, torch.Generator().manual_seed(5), chunk=4)
+        assert torch.equal(c, want_c)
+        # outside the noise mask the image (shuffled and mapped) shows through, inside it is noise
+        assert not torch.equal(c[info["noise_mask"][:, None]], want_t[info["noise_mask"][:, None]])
+    with pytest.raises(ValueError, match="chunk"):
+        genesis_batch(x, GenesisConfig(), chunk=0)
+
+
 def test_all_off_is_identity_and_bad_input():
     x = _images(8)
     c, t = genesis_batch(x, GenesisConfig(**OFF), torch.Generator().manual_seed(0))
