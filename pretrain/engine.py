@@ -200,6 +200,19 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def skip_lone_rank_allreduce(engine) -> bool:
+    """A ZeRO-0 engine on one rank all-reduces its gradients with nobody: DeepSpeed still flattens every
+    gradient into buckets and copies it back (~2 passes over the gradients, +5-20 % of a small CPU step).
+    Turn that off when there is nothing to reduce; ZeRO >= 1 reduces inside its optimizer, so it is kept.
+    Returns whether it was turned off."""
+    import torch.distributed as dist
+
+    if engine.zero_optimization_stage() == 0 and dist.get_world_size() == 1:
+        engine.enable_backward_allreduce = False
+        return True
+    return False
+
+
 # -------------------------------------------------------------------------------------- transforms
 
 def make_corruptor(genesis: dict | None):
@@ -271,6 +284,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                     model_parameters=self.model.parameters(),
                                                     config=ds_config)
+        skip_lone_rank_allreduce(self.engine)
         self.in_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
                          else torch.float16 if self.engine.fp16_enabled() else torch.float32)
         self.loss_fn = RestorationLoss(args.loss, args.l1_weight, image_size=args.image_size)

@@ -137,6 +137,46 @@ def test_ds_config_batch_consistency(tmp_path):
         json.loads((REPO / "launch/configs" / name).read_text())
 
 
+def test_lone_rank_zero0_engine_skips_allreduce_and_steps_like_plain_torch(monkeypatch):
+    """One process, ZeRO-0: the no-op gradient all-reduce is skipped, and the engine's update is still
+    exactly a plain `backward; clip; AdamW.step`."""
+    import copy
+
+    import deepspeed
+    import torch
+
+    from pretrain.engine import distributed, skip_lone_rank_allreduce
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(4, 6), torch.randn(4, 1)
+    with distributed():
+        cfg = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 4, "gradient_clipping": 0.1,
+               "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
+        model = copy.deepcopy(base)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+                                          model_parameters=model.parameters(), config=cfg)
+        assert skip_lone_rank_allreduce(engine) and not engine.enable_backward_allreduce
+        plain = copy.deepcopy(base)
+        opt = torch.optim.AdamW(plain.parameters(), lr=0.1)
+        for _ in range(3):
+            loss = torch.nn.functional.mse_loss(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            torch.nn.functional.mse_loss(plain(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.1)
+            opt.step()
+            opt.zero_grad()
+        for a, b in zip(engine.module.parameters(), plain.parameters()):
+            torch.testing.assert_close(a, b)
+        model1 = copy.deepcopy(base)
+        engine1, *_ = deepspeed.initialize(model=model1, optimizer=torch.optim.AdamW(model1.parameters()),
+                                           model_parameters=model1.parameters(),
+                                           config={**cfg, "zero_optimization": {"stage": 1}})
+        assert not skip_lone_rank_allreduce(engine1)                  # ZeRO-1 reduces in its optimizer
+
+
 def test_checkpoint_markers_and_pruning(tmp_path):
     d = tmp_path / "checkpoints"
     for step in (2, 4, 6):
