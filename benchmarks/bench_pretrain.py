@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,41 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+def _reference_step(model, loss_fn, x, y):
+    """The PyTorch step a DeepSpeed step is compared with: backward, clip, AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _against_deepspeed(reference_step, base, loss_fn, x, y, zero_stages, steps: int, world: int = 1,
+                       clock=lambda t: t) -> list[tuple[int, float, float]]:
+    """(ZeRO stage, median reference s/step, median DeepSpeed s/step), the two stepped alternately."""
+    out = []
+    for zero in zero_stages:
+        engine = _ds_engine(copy.deepcopy(base), zero, x.shape[0], world)
+
+        def ds_step(engine=engine):
+            loss = loss_fn(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+
+        reference_step(), ds_step()  # warm-up
+        tp, td = [], []
+        for _ in range(steps):
+            tp.append(clock(_time(reference_step)))
+            td.append(clock(_time(ds_step)))
+        out.append((zero, statistics.median(tp), statistics.median(td)))
+    return out
+
+
 def overhead(encoder: str, size: int, batch: int, steps: int) -> list[dict]:
     from pretrain.loss import RestorationLoss
     from pretrain.model import build_unet
@@ -61,35 +95,9 @@ def overhead(encoder: str, size: int, batch: int, steps: int) -> list[dict]:
     loss_fn = RestorationLoss()
     x = torch.rand(batch, 1, size, size)
     y = torch.rand(batch, 1, size, size)
-
-    plain = copy.deepcopy(base)
-    popt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
-
-    def plain_step():
-        loss = loss_fn(plain(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
-        popt.step()
-        popt.zero_grad(set_to_none=True)
-
-    rows = []
-    for zero in (0, 1):
-        engine = _ds_engine(copy.deepcopy(base), zero, batch)
-
-        def ds_step(engine=engine):
-            loss = loss_fn(engine(x), y)
-            engine.backward(loss)
-            engine.step()
-
-        plain_step(), ds_step()  # warm-up
-        tp, td = [], []
-        for _ in range(steps):
-            tp.append(_time(plain_step))
-            td.append(_time(ds_step))
-        p, d = statistics.median(tp), statistics.median(td)
-        rows.append({"what": f"{encoder} {size}px b{batch} ZeRO-{zero}", "plain_s": p, "ds_s": d,
-                     "overhead": d / p - 1})
-    return rows
+    plain = _reference_step(copy.deepcopy(base), loss_fn, x, y)
+    return [{"what": f"{encoder} {size}px b{batch} ZeRO-{zero}", "plain_s": p, "ds_s": d, "overhead": d / p - 1}
+            for zero, p, d in _against_deepspeed(plain, base, loss_fn, x, y, (0, 1), steps)]
 
 
 def data_parallel_overhead(encoder: str, size: int, batch: int, steps: int) -> list[dict]:
@@ -107,47 +115,23 @@ def data_parallel_overhead(encoder: str, size: int, batch: int, steps: int) -> l
     g = torch.Generator().manual_seed(rank)                     # each rank its own batch, as in training
     x = torch.rand(batch, 1, size, size, generator=g)
     y = torch.rand(batch, 1, size, size, generator=g)
-
-    ddp = DistributedDataParallel(copy.deepcopy(base))
-    dopt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
-
-    def ddp_step():
-        loss = loss_fn(ddp(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
-        dopt.step()
-        dopt.zero_grad(set_to_none=True)
+    ddp = _reference_step(DistributedDataParallel(copy.deepcopy(base)), loss_fn, x, y)
 
     def slowest(t: float) -> float:                            # a step lasts until its slowest rank is done
         v = torch.tensor([t], dtype=torch.float64)
         dist.all_reduce(v, op=dist.ReduceOp.MAX)
         return float(v)
 
-    rows = []
-    for zero in (1, 2):
-        engine = _ds_engine(copy.deepcopy(base), zero, batch, world)
-
-        def ds_step(engine=engine):
-            loss = loss_fn(engine(x), y)
-            engine.backward(loss)
-            engine.step()
-
-        ddp_step(), ds_step()  # warm-up
-        tp, td = [], []
-        for _ in range(steps):
-            tp.append(slowest(_time(ddp_step)))
-            td.append(slowest(_time(ds_step)))
-        p, d = statistics.median(tp), statistics.median(td)
-        rows.append({"what": f"{encoder} {size}px b{batch}/rank, {world} ranks: ZeRO-{zero} vs DDP", "plain_s": p,
-                     "ds_s": d, "overhead": d / p - 1})
-    return rows
+    return [{"what": f"{encoder} {size}px b{batch}/rank, {world} ranks: ZeRO-{zero} vs DDP", "plain_s": p,
+             "ds_s": d, "overhead": d / p - 1}
+            for zero, p, d in _against_deepspeed(ddp, base, loss_fn, x, y, (1, 2), steps, world, slowest)]
 
 
 def _spawn_ranks(a, n: int) -> list[dict]:
     """Part 1b in n local processes, started as the deepspeed launcher would (RANK, WORLD_SIZE, ...)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from pretrain.engine import _free_port
+
+    port = _free_port()
     threads = max(1, (os.cpu_count() or 1) // n)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
