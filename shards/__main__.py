@@ -1,4 +1,4 @@
-"""`python -m shards synth | build | inspect`: each subcommand lives in its own module.
+"""`python -m shards synth | build | inspect | dedupe`: each subcommand lives in its own module.
 
 A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`.
 """
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "synth": ("shards.synth", "write phantom chest X-ray data sets in the NIH and ieee8023 formats"),
     "build": ("shards.writer", "turn a raw data set into WebDataset shards plus manifest.json"),
     "inspect": ("shards.inspect", "print counts per split and label, and verify shard checksums"),
+    "dedupe": ("shards.dedupe", "find images whose pixels appear in several shard folders"),
 }
 
 

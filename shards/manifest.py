@@ -45,11 +45,24 @@ def dumps(obj: Any) -> str:
 
 
 def label_counts(records: Iterable[dict]) -> dict[str, dict[str, int]]:
-    """Counts per diagnosis and per NIH finding ([] counts as 'No Finding', None as 'unknown')."""
+    """Counts per diagnosis and per NIH finding ([] counts as 'No Finding', None as 'unknown').
+
+    Sources with their own labels also get `source_labels` (images where the label is 1) and
+    `source_labels_unknown` (images where it is blank or uncertain-ignored); those groups are absent
+    for sources without own labels.
+    """
     diagnosis: Counter = Counter()
     findings: Counter = Counter()
+    own: Counter = Counter()
+    own_unknown: Counter = Counter()
+    has_own = False
     severity = 0
     for rec in records:
+        sl = rec.get("labels", {}).get("source_labels")
+        if sl is not None:
+            has_own = True
+            own.update(k for k, v in sl.items() if v == 1)
+            own_unknown.update(k for k, v in sl.items() if v is None)
         labels = rec.get("labels", {})
         diagnosis[labels.get("diagnosis") or UNKNOWN] += 1
         f = labels.get("findings")
@@ -60,7 +73,11 @@ def label_counts(records: Iterable[dict]) -> dict[str, dict[str, int]]:
         else:
             findings.update(f)
         severity += labels.get("severity") is not None
-    return {"diagnosis": dict(diagnosis), "findings": dict(findings), "severity": {"scored": severity}}
+    out = {"diagnosis": dict(diagnosis), "findings": dict(findings), "severity": {"scored": severity}}
+    if has_own:
+        out["source_labels"] = dict(own)
+        out["source_labels_unknown"] = dict(own_unknown)
+    return out
 
 
 def merge_counts(parts: Iterable[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:

@@ -12,7 +12,12 @@ Choices (documented because they change pixels):
   reduced DCT scale (never below the target size), which is several times faster and ~ equal.
 - 16-bit and 32-bit integer (I;16, I;16B, I) and float (F) images are scaled by their real min..max
   range to 0..255, not clipped: a 12-bit detector image stored in 16 bits would otherwise be black.
-  A constant image maps to 0.
+  A constant image maps to 0. When the source knows a window (PadChest's CSV WindowCenter/Width),
+  `window=(center, width)` applies it instead, by the DICOM linear rule (`shards.dicom.window_unit`).
+- DICOM files (the 'DICM' preamble) go through `shards.dicom`: Modality LUT, then VOI LUT or window,
+  MONOCHROME1 inverted; see that module for the rule. Pixel spacing and view come back in the info.
+- bit_depth=16 keeps 16 bits: the same rules scaled to 0..65535 (8-bit inputs are multiplied by 257)
+  and a uint16 result, resized in float (LANCZOS) and rounded.
 - EXIF orientation is applied, so phone photos of films stand upright.
 - square="crop" center-crops to the short side; square="pad" pads the long side with 0 (black).
 - Resizing uses LANCZOS with a reducing gap (integer box reduce first, then LANCZOS), deterministic.
@@ -31,6 +36,7 @@ from PIL import Image, ImageFile
 MAX_PIXELS = 100_000_000  # declared pixels above this are a decompression bomb, never decoded
 ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP", "GIF", "WEBP", "PPM")
 SQUARE_MODES = ("crop", "pad")
+BIT_DEPTHS = (8, 16)
 _REDUCING_GAP = 2.0  # box-reduce to >= 2x the target first: ~4x faster, mean |diff| 0.3 grey levels
 _PNG_IEND = b"\0\0\0\0IEND\xaeB`\x82"  # the only valid IEND chunk (empty, fixed CRC)
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "I;32", "F")
@@ -40,8 +46,15 @@ class BadImage(Exception):
     """An input that cannot become a training image; `str(exc)` is the skip reason."""
 
 
-def decode_and_preprocess(data: bytes, size: int = 512, square: str = "crop") -> tuple[np.ndarray, dict]:
-    """Return (uint8 array size x size, {"orig_size": [w, h], "orig_mode": mode, "orig_format": fmt})."""
+def decode_and_preprocess(data: bytes, size: int = 512, square: str = "crop", window=None,
+                          bit_depth: int = 8) -> tuple[np.ndarray, dict]:
+    """Return (uint8 array size x size, {"orig_size": [w, h], "orig_mode": mode, "orig_format": fmt}).
+
+    With bit_depth=16 the array is uint16. `window` is (center, width) for high-bit images that carry
+    no window of their own (PadChest PNGs); DICOM files use their own VOI.
+    """
+    if bit_depth not in BIT_DEPTHS:
+        raise ValueError(f"bit_depth must be one of {BIT_DEPTHS}, not {bit_depth}")
     if square not in SQUARE_MODES:
         raise ValueError(f"square must be one of {SQUARE_MODES}, not {square!r}")
     if size < 1:
@@ -52,7 +65,14 @@ def decode_and_preprocess(data: bytes, size: int = 512, square: str = "crop") ->
     if not data:
         raise BadImage("zero bytes")
     try:
-        return _decode(bytes(data), size, square)
+        from shards import dicom
+        if dicom.is_dicom(data):
+            try:
+                unit, info = dicom.decode(bytes(data), MAX_PIXELS)
+            except dicom._Bad as exc:
+                raise BadImage(str(exc)) from None
+            return _finish_unit(unit, size, square, bit_depth), info
+        return _decode(bytes(data), size, square, window, bit_depth)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -63,7 +83,17 @@ def decode_and_preprocess(data: bytes, size: int = 512, square: str = "crop") ->
         raise BadImage(_reason(exc)) from None
 
 
-def _decode(data: bytes, size: int, square: str) -> tuple[np.ndarray, dict]:
+def _finish_unit(unit: np.ndarray, size: int, square: str, bit_depth: int) -> np.ndarray:
+    """Values in [0, 1] -> square, resized, at the wanted bit depth."""
+    if bit_depth == 8:
+        gray = Image.fromarray(np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8), mode="L")
+        return np.asarray(_square_resize(gray, size, square), dtype=np.uint8).copy()
+    f = Image.fromarray(np.asarray(unit * 65535.0, dtype=np.float32), mode="F")
+    out = np.asarray(_square_resize(f, size, square), dtype=np.float64)
+    return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
+
+
+def _decode(data: bytes, size: int, square: str, window=None, bit_depth: int = 8) -> tuple[np.ndarray, dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         im = _open(data)
@@ -81,12 +111,46 @@ def _decode(data: bytes, size: int, square: str) -> tuple[np.ndarray, dict]:
         if fmt in ("JPEG", "MPO") and mode in ("RGB", "L", "YCbCr"):
             im.draft("L", (size, size))  # decode at 1/2, 1/4 or 1/8 scale, never below the target
         im.load()
+    info = {"orig_size": [int(w), int(h)], "orig_mode": mode, "orig_format": fmt}
+    high_bit = mode in _HIGH_BIT_MODES or mode.startswith("I;16")
+    if high_bit and (window is not None or bit_depth == 16):
+        unit = _high_bit_unit(im, window)
+        if window is not None:
+            info["window"] = [float(window[0]), float(window[1])]
+        if orientation in _TRANSPOSE:
+            unit = np.asarray(Image.fromarray(unit.astype(np.float32), "F").transpose(_TRANSPOSE[orientation]),
+                              dtype=np.float64)
+        return _finish_unit(unit, size, square, bit_depth), info
     gray = _to_gray(im)
     if orientation in _TRANSPOSE:
         gray = gray.transpose(_TRANSPOSE[orientation])
+    if bit_depth == 16:
+        return _finish_unit(np.asarray(gray, dtype=np.float64) / 255.0, size, square, 16), info
     out = _square_resize(gray, size, square)
     arr = np.asarray(out, dtype=np.uint8).copy()
-    return arr, {"orig_size": [int(w), int(h)], "orig_mode": mode, "orig_format": fmt}
+    return arr, info
+
+
+def _high_bit_values(im: Image.Image) -> np.ndarray:
+    if im.mode == "F":
+        return np.asarray(im, dtype=np.float64)
+    try:
+        arr = np.asarray(im).astype(np.float64)
+    except (TypeError, ValueError):
+        arr = np.asarray(im.convert("I"), dtype=np.float64)
+    if arr.ndim != 2:
+        raise BadImage(f"unreadable mode {im.mode}")
+    return arr
+
+
+def _high_bit_unit(im: Image.Image, window) -> np.ndarray:
+    """A 16/32-bit image -> [0, 1]: by `window` (center, width) when given, else its real min..max."""
+    from shards.dicom import range_unit, window_unit
+
+    values = _high_bit_values(im)
+    if window is not None:
+        return window_unit(np.where(np.isfinite(values), values, 0.0), float(window[0]), float(window[1]))
+    return range_unit(values)
 
 
 def _open(data: bytes) -> Image.Image:
@@ -179,7 +243,7 @@ def _square_resize(im: Image.Image, size: int, square: str) -> Image.Image:
         im = im.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
     if (nw, nh) == (size, size):
         return im
-    canvas = Image.new("L", (size, size), 0)
+    canvas = Image.new(im.mode, (size, size), 0)
     canvas.paste(im, ((size - nw) // 2, (size - nh) // 2))
     return canvas
 

@@ -31,7 +31,7 @@ def make_key(source: str, name: str) -> str:
 @dataclass
 class Record:
     key: str
-    image: np.ndarray | None  # uint8 HxW; None until the preprocessor has loaded it
+    image: np.ndarray | None  # uint8 HxW (uint16 with --bit-depth 16); None until preprocessed
     source: str
     patient_id: str
     view: str = ""
@@ -39,6 +39,9 @@ class Record:
     diagnosis: str | None = None          # one of DIAGNOSES, or None when unknown
     findings: list[str] | None = None     # NIH-14 names; [] means "No Finding"; None means unknown
     severity: dict[str, float] | None = None
+    # The source's own labels, kept beside the NIH-14 mapping: name -> 1 (present), 0 (absent),
+    # None (unknown: blank, or uncertain under the 'ignore' policy). None when the source has none.
+    source_labels: dict[str, int | None] | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # age, sex, original path, original size
 
     def __post_init__(self):
@@ -63,6 +66,7 @@ class Record:
                 "diagnosis": self.diagnosis,
                 "findings": self.findings,
                 "severity": self.severity,
+                "source_labels": self.source_labels,
             },
             "meta": self.meta,
         }

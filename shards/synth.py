@@ -15,9 +15,7 @@ import csv
 import io
 import json
 import shutil
-import struct
 import zipfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from PIL import Image
 from runkit.atomic import atomic_write_json, atomic_write_text
 from runkit.errors import UserError
 from shards import phantom
+from shards.png import encode_png as _encode_png
 
 NIH_CSV = "Data_Entry_2017_v2020.csv"
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -64,20 +63,8 @@ PNG_LEVEL = 1
 
 # ----------------------------------------------------------------------------- encoding
 def encode_png(img: np.ndarray, level: int = PNG_LEVEL) -> bytes:
-    """8-bit grayscale PNG with the Up filter and zlib at `level`: deterministic and ~2x faster than PIL's."""
-    h, w = img.shape
-    rows = np.empty((h, w + 1), np.uint8)
-    rows[:, 0] = 2
-    rows[0, 0] = 0
-    rows[0, 1:] = img[0]
-    np.subtract(img[1:], img[:-1], out=rows[1:, 1:])
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(b"IEND", b""))
+    """8-bit (or 16-bit) grayscale PNG with the Up filter at zlib `level`: the project's one encoder."""
+    return _encode_png(img, level)
 
 
 def encode_image(img: np.ndarray, name: str, png_level: int = PNG_LEVEL) -> bytes:

@@ -23,10 +23,8 @@ import json
 import os
 import pickle
 import re
-import struct
 import sys
 import tarfile
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -42,6 +40,7 @@ import shards
 from runkit.atomic import atomic_write
 from runkit.errors import UserError
 from shards import manifest as mf
+from shards.png import encode_png as _encode_png
 from shards.record import SPLITS
 
 PNG_COMPRESS_LEVEL = 3
@@ -157,34 +156,31 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """8-bit grayscale PNG, every row with the Up filter, zlib level PNG_COMPRESS_LEVEL.
+    """A shard's PNG: `shards.png.encode_png` at PNG_COMPRESS_LEVEL (8-bit, or 16-bit with --bit-depth 16)."""
+    return _encode_png(image, PNG_COMPRESS_LEVEL)
 
-    Why not PIL's encoder: its adaptive filters pick Paeth rows that make every later decode ~25 %
-    slower (shards are decoded every epoch, written once), and it encodes 3-4x slower; files are
-    ~15 % larger. Output depends only on the pixels and the zlib version.
+
+def pixel_hash(image: np.ndarray) -> str:
+    """The duplicate detector's key: sha256 of the preprocessed pixels (shape, dtype, bytes), 32 hex digits.
+
+    Equal after preprocessing means the same picture at training resolution: the same image saved as
+    PNG in one data set and as a lossless DICOM or a recompressed JPEG at the same size in another.
     """
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    h, w = image.shape
-    rows = np.empty((h, w + 1), np.uint8)
-    rows[:, 0] = 2  # Up
-    rows[0, 0] = 0  # the first row has nothing above it
-    rows[0, 1:] = image[0]
-    np.subtract(image[1:], image[:-1], out=rows[1:, 1:])
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_COMPRESS_LEVEL)) + chunk(b"IEND", b""))
+    h = hashlib.sha256(f"{image.shape}{image.dtype.str}".encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()[:32]
 
 
-def build_shard(out_dir: str, chunk: Chunk, size: int, square: str) -> dict:
+def build_shard(out_dir: str, chunk: Chunk, size: int, square: str, bit_depth: int = 8,
+                dedupe_against: tuple[str, ...] = ()) -> dict:
     """Build one shard whole (in a worker process) and write its sidecar; return the sidecar."""
+    from shards.dedupe import load_hashes
     from shards.preprocess import BadImage, decode_and_preprocess
+    from shards.sources import is_frontal
 
     out = Path(out_dir)
-    skipped, records = [], []
+    others = load_hashes(dedupe_against) if dedupe_against else {}
+    skipped, records, hashes = [], [], []
     sha = nbytes = None
 
     def write(f):
@@ -201,20 +197,34 @@ def build_shard(out_dir: str, chunk: Chunk, size: int, square: str) -> dict:
                     skipped.append({"name": name, "reason": f"unreadable: {reason}"})
                     continue
                 try:
-                    image, info = decode_and_preprocess(data, size=size, square=square)
+                    image, info = decode_and_preprocess(data, size=size, square=square, window=rec.meta.get("window"),
+                                                        bit_depth=bit_depth)
                 except BadImage as exc:
                     skipped.append({"name": name, "reason": str(exc)})
                     continue
-                payload = dataclasses.replace(rec, image=None, meta={**rec.meta, "preprocess": info}).to_json()
+                view = rec.view or info.get("view", "")
+                if rec.meta.get("view_filter") == "frontal" and info.get("view") and not is_frontal(info["view"]):
+                    skipped.append({"name": name, "reason": f"non-frontal view: {info['view']}"})
+                    continue
+                digest = pixel_hash(image)
+                if digest in others:
+                    skipped.append({"name": name, "reason": f"duplicate: same pixels as {others[digest]}"})
+                    continue
+                meta = {**rec.meta, "preprocess": {**info, "pixel_hash": digest}}
+                if "pixel_spacing" in info and "pixel_spacing" not in meta:
+                    meta["pixel_spacing"] = info["pixel_spacing"]
+                payload = dataclasses.replace(rec, image=None, view=view, meta=meta).to_json()
                 _add_member(tar, f"{rec.key}.json", _json_bytes(payload))
                 _add_member(tar, f"{rec.key}.png", encode_png(image))
                 records.append(payload)
+                hashes.append([rec.key, digest])
         sha, nbytes = hw.sha.hexdigest(), hw.n
 
     atomic_write(out / chunk.name, write)
     os.chmod(out / chunk.name, SHARED_MODE)
     state = {"name": chunk.name, "split": chunk.split, "count": len(records), "sha256": sha, "bytes": nbytes,
-             "fingerprint": chunk.fingerprint, "labels": mf.label_counts(records), "skipped": skipped}
+             "fingerprint": chunk.fingerprint, "labels": mf.label_counts(records), "skipped": skipped,
+             "pixel_hashes": hashes}
     mf.write_sidecar(out, state)
     return state
 
@@ -279,7 +289,8 @@ def _cleanup(out: Path, keep: set[str]) -> None:
 
 def build(scan: Iterable, out_dir: str | Path, *, source: str, size: int = 512, square: str = "crop",
           workers: int = 1, max_count: int = DEFAULT_MAX_COUNT, part: tuple[int, int] | None = None,
-          progress: bool = True, start_method: str | None = None) -> BuildResult:
+          progress: bool = True, start_method: str | None = None, bit_depth: int = 8,
+          dedupe_against: Iterable[str | Path] = (), source_options: dict | None = None) -> BuildResult:
     """Build (or resume, or build one part of) a shard folder from a source's scan.
 
     Workers use the platform's default start method unless `start_method` says otherwise; everything
@@ -287,7 +298,16 @@ def build(scan: Iterable, out_dir: str | Path, *, source: str, size: int = 512, 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from shards.dedupe import hash_file_digest
+
     options = {"size": size, "square": square, "max_count": max_count}
+    if bit_depth != 8:
+        options["bit_depth"] = bit_depth
+    against = tuple(str(Path(d).resolve()) for d in dedupe_against)
+    if against:  # the folders' hash lists are part of the build: a changed list rebuilds the shards
+        options["dedupe_against"] = [[Path(d).name, hash_file_digest(d)] for d in against]
+    if source_options:
+        options["source_options"] = source_options
     chunks, scan_skipped = plan_chunks(scan, max_count, options, progress)
     mine = [c for c in chunks if part is None or c.index % part[1] == part[0]]
     result = BuildResult(out_dir=out, planned=len(chunks))
@@ -306,7 +326,7 @@ def build(scan: Iterable, out_dir: str | Path, *, source: str, size: int = 512, 
                disable=not progress, file=sys.stderr)
     if workers <= 1 or len(todo) <= 1:
         for chunk in todo:
-            states[chunk.name] = build_shard(str(out), chunk, size, square)
+            states[chunk.name] = build_shard(str(out), chunk, size, square, bit_depth, against)
             bar.update(len(chunk.items))
     else:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context(start_method)) as pool:
@@ -317,7 +337,7 @@ def build(scan: Iterable, out_dir: str | Path, *, source: str, size: int = 512, 
                     chunk = next(queue, None)
                     if chunk is None:
                         break
-                    fut = pool.submit(build_shard, str(out), _portable(chunk), size, square)
+                    fut = pool.submit(build_shard, str(out), _portable(chunk), size, square, bit_depth, against)
                     sizes[fut] = len(chunk.items)
                     pending.add(fut)
                 if not pending:
@@ -343,7 +363,14 @@ def build(scan: Iterable, out_dir: str | Path, *, source: str, size: int = 512, 
     ordered = [states[c.name] for c in chunks]
     manifest = mf.build_manifest(source=source, options=options, version=shards.__version__,
                                  states=ordered, scan_skipped=scan_skipped)
+    from shards.dedupe import duplicate_groups, write_hashes
+
+    pairs = [tuple(p) for st in ordered for p in st.get("pixel_hashes", [])]
+    groups = duplicate_groups({out.name: pairs})
+    manifest["duplicates"] = {"groups": len(groups), "images": sum(len(g) for g in groups),
+                              "first": [[k for _, k in g] for g in groups[:20]]}
     _cleanup(out, {c.name for c in chunks})
+    write_hashes(out, pairs)
     result.manifest = mf.write_manifest(out, manifest)
     os.chmod(result.manifest, SHARED_MODE)
     result.samples = manifest["totals"]["samples"]
@@ -368,7 +395,7 @@ def _default_workers() -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from shards.sources import SOURCE_NAMES
+    from shards.sources import LABELERS, SOURCE_NAMES, UNCERTAIN_POLICIES, VIEW_FILTERS
 
     parser.add_argument("source", choices=SOURCE_NAMES, help="raw data set format")
     parser.add_argument("--src", required=True, help="folder of the raw data set")
@@ -381,6 +408,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="build only chunks with index %% N == i (N machines, one shared --out); "
                              "the last part to finish, or a plain rerun, writes manifest.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="ignore",
+                        help="CheXpert/MIMIC uncertain (-1) labels: ignore (unknown), ones or zeros (default ignore)")
+    parser.add_argument("--views", choices=VIEW_FILTERS, default="frontal",
+                        help="frontal (PA/AP only, default) or all views")
+    parser.add_argument("--labeler", choices=LABELERS, default="chexpert", help="MIMIC-CXR label file (default chexpert)")
+    parser.add_argument("--labels", default=None, help="folder source: labels CSV (default <src>/labels.csv)")
+    parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
+                        help="8-bit shards (default) or 16-bit PNGs for 12/16-bit sources")
+    parser.add_argument("--dedupe-against", nargs="+", default=[], metavar="DIR",
+                        help="skip images whose pixels are already in these shard folders")
 
 
 def _relative(path: str, root: Path) -> str:
@@ -404,7 +441,7 @@ def relative_paths(scan: Iterable, src: Path) -> Iterator:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shards.sources import get_source
+    from shards.sources import ScanOptions, get_source
 
     src = Path(args.src)
     if not src.exists():
@@ -416,9 +453,14 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
     part = parse_part(args.part)
-    result = build(relative_paths(get_source(args.source).scan(src), src), args.out, source=args.source, size=args.size,
-                   square=args.square, workers=args.workers, max_count=args.max_count, part=part,
-                   progress=not args.no_progress)
+    opts = ScanOptions(uncertain=args.uncertain, views=args.views, labeler=args.labeler, labels_csv=args.labels)
+    for d in args.dedupe_against:
+        if Path(d).resolve() == Path(args.out).resolve():
+            raise UserError(f"--dedupe-against {d} is the --out folder itself")
+    result = build(relative_paths(get_source(args.source).scan(src, opts), src), args.out, source=args.source,
+                   size=args.size, square=args.square, workers=args.workers, max_count=args.max_count, part=part,
+                   progress=not args.no_progress, bit_depth=args.bit_depth, dedupe_against=args.dedupe_against,
+                   source_options=opts.as_dict())
     print(result.summary())
     if result.manifest is not None and result.samples == 0:
         raise UserError(f"no sample could be written from {src}; the skipped inputs and reasons are in "

@@ -1,6 +1,6 @@
 """One small module per raw data set format; each turns a source folder into `RawItem`s and `Skipped`s.
 
-Every module exposes `scan(src) -> Iterator[RawItem | Skipped]`. `scan` validates the folder and the
+Every module exposes `scan(src, opts: ScanOptions | None = None) -> Iterator[RawItem | Skipped]`. `scan` validates the folder and the
 CSV header eagerly (a `UserError` naming the problem, before any work), then yields `Skipped`
 entries (sorted by name) followed by `RawItem`s sorted by key. Splits are assigned here, from the
 whole CSV, so they never depend on `--part` or on which files are present. Images are not decoded:
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import gzip
 import importlib
 import io
 import re
@@ -26,15 +27,55 @@ from runkit.errors import UserError
 from shards.record import Record, make_key
 from shards.splits import PatientGroups, patient_split
 
-SOURCE_NAMES = ("nih", "covid-chestxray", "actualmed", "figure1", "radiography")
+SOURCE_NAMES = ("nih", "covid-chestxray", "actualmed", "figure1", "radiography",
+                "chexpert", "mimic", "padchest", "vindr", "rsna", "folder")
 _MODULES = {
     "nih": "shards.sources.nih",
     "covid-chestxray": "shards.sources.covid_chestxray",
     "actualmed": "shards.sources.actualmed",
     "figure1": "shards.sources.figure1",
     "radiography": "shards.sources.radiography",
+    "chexpert": "shards.sources.chexpert",
+    "mimic": "shards.sources.mimic",
+    "padchest": "shards.sources.padchest",
+    "vindr": "shards.sources.vindr",
+    "rsna": "shards.sources.rsna",
+    "folder": "shards.sources.folder",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
+VIEW_FILTERS = ("frontal", "all")
+LABELERS = ("chexpert", "negbio")
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """Choices a user makes per build (`python -m shards build` flags); sources ignore what they do not use.
+
+    uncertain: CheXpert-style -1 labels (CheXpert, MIMIC): 'ignore' -> unknown (None, not a positive,
+      not a negative: a loss should mask it), 'ones' -> 1 (U-Ones), 'zeros' -> 0 (U-Zeros).
+    views: 'frontal' keeps PA/AP images only (the default); 'all' keeps laterals too.
+    labeler: which MIMIC-CXR label file to read (mimic-cxr-2.0.0-chexpert.csv or -negbio.csv).
+    labels_csv: for `folder`, a CSV of labels (default: <src>/labels.csv when it exists).
+    """
+
+    uncertain: str = "ignore"
+    views: str = "frontal"
+    labeler: str = "chexpert"
+    labels_csv: str | None = None
+
+    def __post_init__(self):
+        if self.uncertain not in UNCERTAIN_POLICIES:
+            raise UserError(f"uncertain-label policy {self.uncertain!r}: want one of {', '.join(UNCERTAIN_POLICIES)}")
+        if self.views not in VIEW_FILTERS:
+            raise UserError(f"view filter {self.views!r}: want one of {', '.join(VIEW_FILTERS)}")
+        if self.labeler not in LABELERS:
+            raise UserError(f"MIMIC labeler {self.labeler!r}: want one of {', '.join(LABELERS)}")
+
+    def as_dict(self) -> dict:
+        return {"uncertain": self.uncertain, "views": self.views, "labeler": self.labeler,
+                "labels_csv": self.labels_csv}
 
 
 def get_source(name: str) -> ModuleType:
@@ -89,6 +130,11 @@ def read_csv(path: Path, required: Sequence[str], encodings: Sequence[str] = ("u
     if not path.is_file():
         raise UserError(f"CSV not found: {path}")
     raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise UserError(f"cannot decompress {path}: {exc}") from None
     text = None
     for enc in encodings:
         try:
@@ -119,6 +165,16 @@ def read_csv(path: Path, required: Sequence[str], encodings: Sequence[str] = ("u
                 row.setdefault(h, "")
         rows.append(row)
     return rows
+
+
+def find_csv(src: Path, name: str, required: bool = True) -> Path | None:
+    """`<src>/<name>` or `<src>/<name>.gz` (MIMIC and PadChest ship both); a UserError when required and absent."""
+    for p in (src / name, src / f"{name}.gz"):
+        if p.is_file():
+            return p
+    if required:
+        raise UserError(f"{src} has neither {name} nor {name}.gz")
+    return None
 
 
 def missing_fields(row: dict[str, str], fields: Iterable[str]) -> list[str]:
@@ -182,6 +238,9 @@ class Candidate:
     findings: list[str] | None = None
     severity: dict[str, float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    source_labels: dict[str, int | None] | None = None
+    split: str | None = None        # the official split, where the data set has one; else a patient hash
+    reader: Callable[[], bytes] | None = None  # default: read `path`
 
 
 def assign_keys(source: str, names: Iterable[str]) -> dict[str, str]:
@@ -219,6 +278,12 @@ def finish(source: str, candidates: list[Candidate], skipped: list[Skipped],
             by_name[c.name] = c
             aliases[c.name] = {c.patient_id}
     keys = assign_keys(source, by_name)
+    official: dict[str, str] = {}  # patient group -> official split; the most held-out one wins on conflict
+    for c in by_name.values():
+        if c.split:
+            g = groups.find(c.patient_id)
+            if _HELD_OUT.get(c.split, 0) >= _HELD_OUT.get(official.get(g, ""), -1):
+                official[g] = c.split
     items: list[RawItem] = []
     for name, c in by_name.items():
         if not c.path.is_file():
@@ -229,11 +294,14 @@ def finish(source: str, candidates: list[Candidate], skipped: list[Skipped],
             meta["patient_ids"] = sorted(aliases[name])
         group = groups.find(c.patient_id)
         rec = Record(key=keys[name], image=None, source=source, patient_id=group, view=c.view,
-                     split=patient_split(source, group), diagnosis=c.diagnosis, findings=c.findings,
-                     severity=c.severity, meta=meta)
-        items.append(RawItem(rec, file_reader(c.path)))
+                     split=official.get(group) or patient_split(source, group), diagnosis=c.diagnosis,
+                     findings=c.findings, severity=c.severity, source_labels=c.source_labels, meta=meta)
+        items.append(RawItem(rec, c.reader or file_reader(c.path)))
     yield from sorted(skipped, key=lambda s: (s.name, s.reason))
     yield from sorted(items, key=lambda it: it.record.key)
+
+
+_HELD_OUT = {"train": 0, "val": 1, "test": 2}
 
 
 NON_FRONTAL_VIEWS = {"l", "lateral", "ll", "rl", "axial", "coronal"}
@@ -271,3 +339,77 @@ def csv_source_items(source: str, src: Path, rows: list[dict[str, str]], name_of
                   "offset": row.get("offset", "")},
         ))
     return finish(source, candidates, skipped)
+
+
+# ----------------------------------------------------------------------------- views and CheXpert-style labels
+
+FRONTAL_POSITIONS = {"PA", "AP", "AP_HORIZONTAL", "AP HORIZONTAL", "AP SUPINE", "AP AXIAL", "PA LLD", "AP LLD",
+                     "AP RLD", "PA RLD"}
+
+
+def is_frontal(view: str) -> bool:
+    """A PA/AP projection (any spelling the big sets use); laterals, blanks and unknowns are not frontal."""
+    return " ".join(view.upper().replace("-", " ").split()) in FRONTAL_POSITIONS
+
+
+def keep_view(view: str, opts: "ScanOptions") -> bool:
+    return opts.views == "all" or is_frontal(view)
+
+
+# CheXpert's 14 observations (also MIMIC-CXR's chexpert/negbio files), and those that mean an NIH-14 finding.
+CHEXPERT_LABELS = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+)
+CHEXPERT_TO_NIH = {"Cardiomegaly": "Cardiomegaly", "Edema": "Edema", "Consolidation": "Consolidation",
+                   "Pneumonia": "Pneumonia", "Atelectasis": "Atelectasis", "Pneumothorax": "Pneumothorax",
+                   "Pleural Effusion": "Effusion"}
+
+
+def uncertain_value(text: str, policy: str) -> int | None | str:
+    """'1.0' -> 1, '0.0' -> 0, '' -> None, '-1.0' -> the policy (None, 1 or 0); anything else -> 'bad'."""
+    t = text.strip()
+    if t == "" or t.lower() == "nan":
+        return None
+    try:
+        v = float(t)
+    except ValueError:
+        return "bad"
+    if v == 1:
+        return 1
+    if v == 0:
+        return 0
+    if v == -1:
+        return {"ignore": None, "ones": 1, "zeros": 0}[policy]
+    return "bad"
+
+
+def chexpert_style_labels(row: dict[str, str], policy: str) -> tuple[dict | None, list[str] | None, str | None, str | None]:
+    """(source_labels, NIH findings, diagnosis, problem) from the 14 CheXpert columns of one row.
+
+    findings: the NIH-14 names whose CheXpert observation is 1 after the uncertain policy ([] when none
+    is; CheXpert does not label Mass, Nodule, ... so their absence means 'not labelled'). diagnosis:
+    pneumonia when Pneumonia is 1, normal when No Finding is 1, other when any other observation is
+    1, else None (unknown).
+    """
+    labels: dict[str, int | None] = {}
+    for name in CHEXPERT_LABELS:
+        v = uncertain_value(row.get(name, ""), policy)
+        if v == "bad":
+            return None, None, None, f"bad label value {row.get(name)!r} in column {name!r}"
+        labels[name] = v
+    findings = sorted({CHEXPERT_TO_NIH[n] for n, v in labels.items() if v == 1 and n in CHEXPERT_TO_NIH})
+    if labels["Pneumonia"] == 1:
+        diagnosis = "pneumonia"
+    elif labels["No Finding"] == 1:
+        diagnosis = "normal"
+    elif any(v == 1 for n, v in labels.items() if n != "No Finding"):
+        diagnosis = "other"
+    else:
+        diagnosis = None
+    return labels, findings, diagnosis, None
+
+
+def options_of(opts: "ScanOptions | None") -> "ScanOptions":
+    return opts if opts is not None else ScanOptions()

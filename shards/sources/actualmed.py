@@ -16,7 +16,7 @@ CSV_NAME = "metadata.csv"
 REQUIRED = ("patientid", "finding", "imagename")
 
 
-def scan(src: Path | str) -> Iterator[RawItem | Skipped]:
+def scan(src: Path | str, opts=None) -> Iterator[RawItem | Skipped]:
     src = require_dir(src, SOURCE)
     rows = read_csv(src / CSV_NAME, REQUIRED)
     return csv_source_items(SOURCE, src, rows, name_of=lambda r: r["imagename"], name_field="imagename")

@@ -33,7 +33,7 @@ SEVERITY_CSV = Path("annotations") / "covid-severity-scores.csv"
 SEVERITY_COLUMNS = ("filename", "geographic_mean", "opacity_mean")
 
 
-def scan(src: Path | str) -> Iterator[RawItem | Skipped]:
+def scan(src: Path | str, opts=None) -> Iterator[RawItem | Skipped]:
     src = require_dir(src, SOURCE)
     rows = read_csv(src / CSV_NAME, REQUIRED)
     severity = load_severity(src / SEVERITY_CSV)

@@ -18,7 +18,7 @@ EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 _IMAGE_SUFFIX = re.compile(r"^(.*\d)[a-z]$")
 
 
-def scan(src: Path | str) -> Iterator[RawItem | Skipped]:
+def scan(src: Path | str, opts=None) -> Iterator[RawItem | Skipped]:
     src = require_dir(src, SOURCE)
     rows = read_csv(src / CSV_NAME, REQUIRED, encodings=("utf-8-sig", "latin-1"))
     return csv_source_items(SOURCE, src, rows, name_of=lambda r: r["patientid"], name_field="patientid",

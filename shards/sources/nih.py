@@ -44,7 +44,7 @@ ARCHIVE_PATTERNS = ("*.tar.gz", "*.tgz", "*.tar")
 _FINDINGS = frozenset(NIH_FINDINGS)
 
 
-def scan(src: Path | str) -> Iterator[RawItem | Skipped]:
+def scan(src: Path | str, opts=None) -> Iterator[RawItem | Skipped]:
     src = require_dir(src, SOURCE)
     csv_path = next((src / n for n in CSV_NAMES if (src / n).is_file()), None)
     if csv_path is None:

@@ -22,7 +22,7 @@ CLASS_DIAGNOSIS = {
 }
 
 
-def scan(src: Path | str) -> Iterator[RawItem | Skipped]:
+def scan(src: Path | str, opts=None) -> Iterator[RawItem | Skipped]:
     src = require_dir(src, SOURCE)
     folders = [(name, src / name) for name in sorted(CLASS_DIAGNOSIS) if (src / name).is_dir()]
     if not folders:
