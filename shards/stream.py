@@ -12,6 +12,12 @@ shuffle) with the splitting done explicitly, because the defaults are wrong for 
   across ranks and workers; the last batch of a rank may be partial.
 - A corrupt or truncated shard, or a sample that does not decode, is skipped and counted in
   `loader.stats` (a StreamStats), never via wds.warn_and_continue, which sleeps 0.5 s per error.
+- Mixtures (train mode): `urls` may be weighted groups, `nih=0.5:'A/*.tar' chexpert=0.3:'B/*.tar'`
+  (see `parse_mixture`). Each worker resamples every group's shards on its own and draws the group of
+  each next sample with the weights, so the sample mix follows the weights whatever the shard sizes;
+  batches are full and their count per rank fixed exactly as above. `loader.realised_mix()` /
+  `mix_metrics()` report what was drawn. In eval mode a mixture is the union of its groups.
+- 16-bit shards (`build --bit-depth 16`) decode to uint16 and are scaled by 65535 instead of 255.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import struct
 import zlib
@@ -83,6 +90,67 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
     return urls
 
 
+_GROUP_RE = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)=(?P<weight>[^:]*):(?P<spec>.*)$", re.S)
+
+
+@dataclass(frozen=True)
+class MixGroup:
+    """One weighted group of a mixture: a name, a weight (normalised to sum 1 over groups), its shards."""
+    name: str
+    weight: float
+    urls: tuple[str, ...]
+
+
+def _tokens(spec: str | Iterable[str]) -> list[str]:
+    if isinstance(spec, str):
+        return [spec.strip()] if spec.strip().startswith("pipe:") else shlex.split(spec)
+    return [str(s) for s in spec]
+
+
+def is_mixture(spec: str | Iterable[str]) -> bool:
+    """Whether a shard spec uses the weighted-group syntax (any token of the form NAME=WEIGHT:...)."""
+    try:
+        return any(_GROUP_RE.match(t) for t in _tokens(spec))
+    except ValueError:
+        return False
+
+
+def parse_mixture(spec: str | Iterable[str]) -> list[MixGroup] | None:
+    """`NAME=WEIGHT:PATTERNS ...` -> groups; None when `spec` is a plain list of shards.
+
+    Each token is one group: a name (letters, digits, `_`, `-`), `=`, a positive weight, `:`, then
+    the group's shards as any plain shard spec (quote it so the shell leaves globs alone, and use
+    spaces inside the quotes for several patterns: `nih=2:'A/train-*.tar A/test-*.tar'`). Weights are
+    relative (normalised to sum 1). Every token must be a group once one is; names are unique;
+    patterns are checked at once like plain specs (an empty glob is a UserError).
+    """
+    tokens = _tokens(spec)
+    matches = [_GROUP_RE.match(t) for t in tokens]
+    if not any(matches):
+        return None
+    bad = [t for t, m in zip(tokens, matches) if not m]
+    if bad:
+        raise UserError(f"mixture token {bad[0]!r} is not NAME=WEIGHT:PATTERN (every token of a mixture must be a group)")
+    groups, raw = [], []
+    for m in matches:
+        name, text, inner = m["name"], m["weight"].strip(), m["spec"].strip()
+        try:
+            weight = float(text)
+        except ValueError:
+            raise UserError(f"mixture group {name!r}: weight {text!r} is not a number") from None
+        if not (weight > 0 and weight != float("inf")):
+            raise UserError(f"mixture group {name!r}: weight {text!r} must be a positive number")
+        if any(g[0] == name for g in raw):
+            raise UserError(f"mixture group {name!r} is given twice")
+        if not inner:
+            raise UserError(f"mixture group {name!r} names no shards")
+        raw.append((name, weight, tuple(expand_urls(inner))))
+    total = sum(w for _, w, _ in raw)
+    for name, weight, urls in raw:
+        groups.append(MixGroup(name, weight / total, urls))
+    return groups
+
+
 @dataclass
 class StreamStats:
     """What the reader skipped. Counts are merged from the workers as their batches arrive."""
@@ -93,6 +161,7 @@ class StreamStats:
     dropped: int = 0            # samples that `select` dropped (returned None)
     bad_shards: set[str] = field(default_factory=set)
     reasons: Counter = field(default_factory=Counter)
+    mix: Counter = field(default_factory=Counter)  # samples yielded per mixture group
 
     @property
     def skipped(self) -> int:
@@ -108,7 +177,7 @@ class StreamStats:
     def as_dict(self) -> dict:
         return {"samples": self.samples, "batches": self.batches, "shard_errors": self.shard_errors,
                 "sample_errors": self.sample_errors, "dropped": self.dropped,
-                "bad_shards": sorted(self.bad_shards), "reasons": dict(self.reasons)}
+                "bad_shards": sorted(self.bad_shards), "reasons": dict(self.reasons), "mix": dict(self.mix)}
 
 
 class _WorkerStats:
@@ -188,7 +257,7 @@ def _decode(samples: Iterator[dict], stats: _WorkerStats, select, image_size) ->
         try:
             image = decode_png(sample["png"])
             if image_size is not None and image.shape != (image_size, image_size):
-                image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR))
+                image = _resize(image, image_size)
         except Exception as exn:  # noqa: BLE001 - any decoder failure on hostile bytes is a skip
             stats.sample_error(url, f"bad png in {sample['__key__']}: {type(exn).__name__}")
             continue
@@ -197,6 +266,14 @@ def _decode(samples: Iterator[dict], stats: _WorkerStats, select, image_size) ->
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear to size x size; uint16 goes through float so no bits are lost."""
+    if image.dtype == np.uint16:
+        f = Image.fromarray(image.astype(np.float32), "F").resize((size, size), Image.Resampling.BILINEAR)
+        return np.clip(np.rint(np.asarray(f)), 0, 65535).astype(np.uint16)
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -211,6 +288,8 @@ def decode_png(data: bytes) -> np.ndarray:
         return image
     with Image.open(io.BytesIO(data)) as im:
         im.load()
+        if im.mode.startswith("I;16"):
+            return np.asarray(im).astype(np.uint16)
         return np.asarray(im if im.mode == "L" else im.convert("L"), dtype=np.uint8)
 
 
@@ -227,9 +306,9 @@ def _decode_up_png(data: bytes) -> np.ndarray | None:
         if kind == b"IHDR":
             if n != 13:
                 return None
-            w, h, *layout = struct.unpack(">IIBBBBB", body)
-            if layout != [8, 0, 0, 0, 0] or not 0 < w * h <= _MAX_PIXELS:  # 8-bit gray, no interlace
-                return None
+            w, h, depth, *layout = struct.unpack(">IIBBBBB", body)
+            if depth not in (8, 16) or layout != [0, 0, 0, 0] or not 0 < w * h <= _MAX_PIXELS:
+                return None  # 8- or 16-bit gray, no interlace
             shape = (h, w)
         elif kind == b"IDAT":
             idat.append(body)
@@ -239,14 +318,16 @@ def _decode_up_png(data: bytes) -> np.ndarray | None:
     if shape is None or not idat:
         return None
     h, w = shape
+    row = w * depth // 8
     z = zlib.decompressobj()
-    raw = z.decompress(b"".join(idat), h * (w + 1) + 1)
-    if len(raw) != h * (w + 1) or not z.eof:
+    raw = z.decompress(b"".join(idat), h * (row + 1) + 1)
+    if len(raw) != h * (row + 1) or not z.eof:
         raise ValueError("PNG image data has the wrong length or a bad checksum")
-    rows = np.frombuffer(raw, np.uint8).reshape(h, w + 1)
+    rows = np.frombuffer(raw, np.uint8).reshape(h, row + 1)
     if rows[0, 0] != 0 or (rows[1:, 0] != 2).any():
         return None  # other filters: let PIL do it
-    return np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8)  # Up filter: row += row above, mod 256
+    out = np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8)  # Up filter: byte += byte above, mod 256
+    return out if depth == 8 else out.view(">u2").astype(np.uint16)
 
 
 def _batches(samples: Iterator[tuple], size: int, partial: bool, stats: _WorkerStats) -> Iterator[tuple]:
@@ -266,8 +347,9 @@ class ShardStream(IterableDataset):
     """One rank's stream of sample lists; each DataLoader worker takes its share in `__iter__`."""
 
     def __init__(self, urls: list[str], *, mode: str, batch_size: int, select, image_size, shuffle_buffer: int,
-                 seed: int, rank: int, world_size: int):
+                 seed: int, rank: int, world_size: int, groups: list[MixGroup] | None = None):
         super().__init__()
+        self.groups = groups if mode == "train" else None
         self.urls, self.mode, self.batch_size = urls, mode, batch_size
         self.select, self.image_size, self.shuffle_buffer = select, image_size, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -277,6 +359,12 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stats = _WorkerStats()
+        if self.groups:
+            decoded = self._mixed(worker, stats)
+            if self.shuffle_buffer > 1:
+                rng = random.Random(_seed(self.seed, self.rank, worker, self.epoch, 1))
+                decoded = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(decoded)
+            return _batches(decoded, self.batch_size, partial=False, stats=stats)
         if self.mode == "train":
             worker_seed = _seed(self.seed, self.rank, worker, self.epoch)
             urls = wds.ResampledShards(self.urls, seed=self.seed, worker_seed=lambda: worker_seed,
@@ -296,6 +384,26 @@ class ShardStream(IterableDataset):
             rng = random.Random(_seed(self.seed, self.rank, worker, self.epoch, 1))
             decoded = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(decoded)
         return _batches(decoded, self.batch_size, partial=self.mode == "eval", stats=stats)
+
+
+    def _group_samples(self, gi: int, group: MixGroup, worker: int, stats: _WorkerStats) -> Iterator[tuple]:
+        worker_seed = _seed(self.seed, self.rank, worker, self.epoch, 100 + gi)
+        urls = wds.ResampledShards(list(group.urls), seed=self.seed, worker_seed=lambda: worker_seed,
+                                   deterministic=True)
+        urls = _count_shards(iter(urls), stats, limit=max(100, 10 * len(group.urls)))
+        files = tar_file_expander(url_opener(urls, handler=stats.shard_error), handler=stats.shard_error)
+        for image, target, key, record in _decode(group_by_keys(files, handler=stats.shard_error), stats,
+                                                  self.select, self.image_size):
+            yield image, target, key, record, group.name
+
+    def _mixed(self, worker: int, stats: _WorkerStats) -> Iterator[tuple]:
+        """The next sample comes from group g with probability weight(g): an endless, seeded stream."""
+        streams = [self._group_samples(i, g, worker, stats) for i, g in enumerate(self.groups)]
+        weights = [g.weight for g in self.groups]
+        rng = random.Random(_seed(self.seed, self.rank, worker, self.epoch, 2))
+        order = list(range(len(streams)))
+        while True:
+            yield next(streams[rng.choices(order, weights)[0]])
 
 
 def _identity(x):
@@ -321,7 +429,9 @@ class StreamLoader:
     def describe(self) -> dict:
         """What a run should record to reproduce its data order."""
         d = self.dataset
-        return {"mode": d.mode, "shards": len(d.urls), "batch_size": d.batch_size, "image_size": d.image_size,
+        mix = {"mixture": [{"name": g.name, "weight": g.weight, "shards": len(g.urls)} for g in d.groups]} \
+            if d.groups else {}
+        return {**mix, "mode": d.mode, "shards": len(d.urls), "batch_size": d.batch_size, "image_size": d.image_size,
                 "rank": d.rank, "world_size": d.world_size, "num_workers": self.num_workers, "seed": d.seed,
                 "shuffle_buffer": d.shuffle_buffer, "batches_per_epoch": self.batches_per_epoch, "epoch": self.epoch}
 
@@ -345,7 +455,23 @@ class StreamLoader:
     def _emit(self, samples: list, select: bool) -> dict:
         self.stats.samples += len(samples)
         self.stats.batches += 1
+        if samples and len(samples[0]) > 4:
+            self.stats.mix.update(s[4] for s in samples)
         return collate(samples, select)
+
+    def realised_mix(self) -> dict[str, dict]:
+        """Per mixture group: samples this rank has yielded, their fraction, and the target weight.
+
+        {} for a plain (unmixed) loader. Local to this rank; `realised_mix_all_ranks` sums over ranks.
+        """
+        groups = self.dataset.groups or []
+        total = sum(self.stats.mix.values())
+        return {g.name: {"samples": self.stats.mix[g.name], "target": g.weight,
+                         "fraction": self.stats.mix[g.name] / total if total else 0.0} for g in groups}
+
+    def mix_metrics(self) -> dict[str, float]:
+        """Flat metrics for a log row: `mix/<group>` = realised fraction on this rank; {} when unmixed."""
+        return {f"mix/{name}": round(v["fraction"], 4) for name, v in self.realised_mix().items()}
 
     def _train_epoch(self, select: bool) -> Iterator[dict]:
         done = 0
@@ -375,14 +501,24 @@ class StreamLoader:
 
 
 def collate(samples: list[tuple], select: bool = True) -> dict[str, Any]:
-    """(uint8 HxW, target, key, record) samples -> {"image": float [B,1,H,W] in [0,1], ...}."""
-    images = torch.from_numpy(np.stack([s[0] for s in samples])).unsqueeze(1).float().div_(255.0)
-    return {
+    """(uint8 HxW, target, key, record[, group]) samples -> {"image": float [B,1,H,W] in [0,1], ...}.
+
+    uint16 images (16-bit shards) are divided by 65535. Mixture samples add "group" (names per sample).
+    """
+    stacked = np.stack([s[0] for s in samples])
+    if stacked.dtype == np.uint16:
+        images = torch.from_numpy(stacked.astype(np.float32)).unsqueeze(1).div_(65535.0)
+    else:
+        images = torch.from_numpy(stacked).unsqueeze(1).float().div_(255.0)
+    out = {
         "image": images,
         "target": default_collate([s[1] for s in samples]) if select else None,
         "key": [s[2] for s in samples],
         "record": [s[3] for s in samples],
     }
+    if len(samples[0]) > 4:
+        out["group"] = [s[4] for s in samples]
+    return out
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -402,6 +538,9 @@ def make_loader(urls: str | Iterable[str], *, mode: str, batch_size: int,
                 rank: int | None = None, world_size: int | None = None) -> StreamLoader:
     """Stream shards as dict batches {"image", "target", "key", "record"}; see the module docstring.
 
+    `urls` is a plain shard spec or a mixture (`parse_mixture`: `nih=0.5:'A/*.tar' chexpert=0.5:'B/*.tar'`);
+    a mixture's batches also carry "group", and `loader.realised_mix()` says what was drawn.
+
     `select(record_json)` returns the target or None to drop the sample; with select=None every sample
     is kept and "target" is None. `image_size` resizes (bilinear) to a square; None keeps the stored
     size (which must then be uniform). With num_workers > 0 and a spawn start method, `select` must be
@@ -418,7 +557,8 @@ def make_loader(urls: str | Iterable[str], *, mode: str, batch_size: int,
     rank, world_size = dist_info(rank, world_size)
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}")
-    url_list = expand_urls(urls)
+    groups = parse_mixture(urls)
+    url_list = [u for g in groups for u in g.urls] if groups else expand_urls(urls)
     batches = None
     if mode == "train":
         if not epoch_size:
@@ -428,10 +568,28 @@ def make_loader(urls: str | Iterable[str], *, mode: str, batch_size: int,
             raise UserError(f"epoch size {epoch_size} is smaller than world size x batch size "
                             f"({world_size} x {batch_size}); no full batch per rank")
     dataset = ShardStream(url_list, mode=mode, batch_size=batch_size, select=select, image_size=image_size,
-                          shuffle_buffer=shuffle_buffer, seed=seed, rank=rank, world_size=world_size)
+                          shuffle_buffer=shuffle_buffer, seed=seed, rank=rank, world_size=world_size, groups=groups)
     return StreamLoader(dataset, num_workers=num_workers, batches_per_epoch=batches)
 
 
 def shard_paths(folder: str | Path, split: str) -> list[str]:
     """All shards of one split in a shard folder, sorted: the usual argument to `make_loader`."""
     return expand_urls([str(Path(folder) / f"{split}-*.tar")])
+
+
+def realised_mix_all_ranks(loader: StreamLoader) -> dict[str, dict]:
+    """`loader.realised_mix()` summed over all ranks (an all-reduce: every rank must call it together).
+
+    Without an initialised process group it is the local mix.
+    """
+    local = loader.realised_mix()
+    if not local or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    names = list(local)
+    counts = torch.tensor([float(local[n]["samples"]) for n in names], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        counts = counts.cuda()
+    torch.distributed.all_reduce(counts)
+    total = float(counts.sum())
+    return {n: {"samples": int(c), "target": local[n]["target"], "fraction": float(c) / total if total else 0.0}
+            for n, c in zip(names, counts.tolist())}
