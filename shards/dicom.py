@@ -141,7 +141,7 @@ def decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, dict]:
         if seq:
             item = seq[0]
             bits = int(item.LUTDescriptor[2])
-            out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float64)
+            out = np.asarray(apply_voi(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float64)
             unit = np.clip(out / float(2 ** bits - 1), 0.0, 1.0)
             info["voi"] = f"lut ({bits}-bit)"
         elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:

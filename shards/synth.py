@@ -1,4 +1,7 @@
-"""`python -m shards synth`: phantom data sets in the exact NIH ChestX-ray14 and ieee8023 formats.
+"""`python -m shards synth`: phantom data sets in the exact NIH ChestX-ray14 and ieee8023 formats, and
+(with --n-chexpert, --n-mimic, --n-padchest, --n-vindr, --n-rsna, --n-folder; `shards.synth_sources`)
+in the CheXpert, MIMIC-CXR-JPG, PadChest, VinDr-CXR, RSNA and plain-folder layouts, DICOM included.
+`--duplicates K` plants K NIH images again in folder/ and rsna/ to exercise duplicate detection.
 
 The data-set folders hold only what the real releases hold, so the real loaders read them
 unchanged. Ground truth (masks and rendering parameters) goes beside them, in
@@ -383,13 +386,23 @@ def synth_covid(out_dir, n: int, size: int = 256, seed: int = 0, progress: bool 
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="folder for nih/, covid-chestxray/ and truth/")
+    parser.add_argument("--out", required=True, type=Path, help="folder for nih/, covid-chestxray/, the other sets asked for, and truth/")
     parser.add_argument("--n-nih", type=int, default=200, help="NIH ChestX-ray14-format images (default 200)")
     parser.add_argument("--n-covid", type=int, default=120, help="covid-chestxray-format images (default 120)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
     parser.add_argument("--png-level", type=int, default=PNG_LEVEL, choices=range(10), metavar="0-9",
                         help=f"zlib level of the PNGs (default {PNG_LEVEL})")
+    for name, layout in (("chexpert", "CheXpert-v1.0-small (train.csv, valid.csv, JPEGs)"),
+                         ("mimic", "MIMIC-CXR-JPG 2.0.0 (the four .csv.gz files, files/pXX/...)"),
+                         ("padchest", "PadChest (labels CSV, 16-bit PNGs in numbered folders)"),
+                         ("vindr", "VinDr-CXR Kaggle (train.csv, DICOM: MONOCHROME1/2, 12/16-bit, LUTs, RLE, JPEG 2000)"),
+                         ("rsna", "RSNA Pneumonia (stage_2_* CSVs, DICOM)"),
+                         ("folder", "a plain tree of PNG/JPEG/DICOM files with labels.csv")):
+        parser.add_argument(f"--n-{name}", type=int, default=0, help=f"{layout} images in {name}/ (default 0)")
+    parser.add_argument("--duplicates", type=int, default=0, metavar="K",
+                        help="plant K NIH phantoms again in folder/ (PNG) and rsna/ (DICOM); listed in "
+                             "truth/duplicates.json (needs --n-nih >= K and --n-folder or --n-rsna)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -400,9 +413,36 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    from shards import synth_sources
+
+    counts = {name: getattr(args, f"n_{name}") for name in synth_sources.WRITERS}
+    for n in counts.values():
+        _check(n, args.size)
+    if args.duplicates < 0 or args.duplicates > args.n_nih:
+        raise UserError(f"--duplicates {args.duplicates}: must be between 0 and --n-nih ({args.n_nih})")
+    if args.duplicates and not (counts["folder"] or counts["rsna"]):
+        raise UserError("--duplicates needs --n-folder or --n-rsna (the sets the copies are planted in)")
     for name, n, fn in (("nih", args.n_nih, synth_nih), ("covid-chestxray", args.n_covid, synth_covid)):
         if n == 0:
             continue
         path = fn(out / name, n, size=args.size, seed=args.seed, progress=True, png_level=args.png_level)
         print(f"wrote {n} {name} phantoms ({args.size} px) to {path}  (ground truth: {truth_dir(path)})")
+    planted = plant_duplicates(out, args.duplicates)
+    for name, fn in synth_sources.WRITERS.items():
+        if counts[name] == 0:
+            continue
+        kwargs = {"extra": planted} if name in ("folder", "rsna") and planted else {}
+        path = fn(out / name, counts[name], size=args.size, seed=args.seed, progress=True, **kwargs)
+        print(f"wrote {counts[name]} {name} phantoms ({args.size} px) to {path}  (ground truth: {truth_dir(path)})")
     return 0
+
+
+def plant_duplicates(out: Path, k: int) -> list[tuple[str, np.ndarray]]:
+    """The first k NIH phantoms as (name, pixels), recorded in `<out>/truth/duplicates.json`."""
+    if k == 0:
+        return []
+    names = sorted(p.name for p in (out / "nih" / "images").iterdir())[:k]
+    planted = [(f"dup-{Path(n).stem}", np.asarray(Image.open(out / "nih" / "images" / n).convert("L"))) for n in names]
+    atomic_write_json(out / "truth" / "duplicates.json",
+                      {"nih_images": names, "copies": [name for name, _ in planted], "in": ["folder", "rsna"]})
+    return planted
