@@ -113,7 +113,7 @@ def _iter(src: Path, files: list[str], rows, skipped: list[Skipped], opts) -> It
     present = set(files)
     labelled: dict[str, dict[str, str]] = {}
     for i, row in enumerate(rows, start=2):
-        rel = PurePosixPath(row["path"].replace("\\", "/")).as_posix().lstrip("./") if row["path"] else ""
+        rel = PurePosixPath(row["path"].replace("\\", "/")).as_posix() if row["path"] else ""
         if not rel:
             skipped.append(Skipped(f"{LABELS_CSV} line {i}", "csv row missing fields: path"))
             continue
