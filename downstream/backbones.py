@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runkit.errors import UserError
+from runkit.statedict import strict_load
 
 # torchxrayvision's "all" DenseNet-121 output order (MISSION.md).
 XRV_PATHOLOGIES = (
@@ -149,25 +150,6 @@ def _fix_old_dense_keys(state: dict) -> dict:
         m = _OLD_DENSE_KEY.match(k)
         out[m.group(1) + m.group(2) if m else k] = v
     return out
-
-
-def strict_load(module: nn.Module, state: dict, path, ignore: tuple[str, ...] = ()) -> None:
-    """load_state_dict(strict) with one UserError line that lists missing and unexpected keys and bad shapes."""
-    state = {k: v for k, v in state.items() if k not in ignore}
-    want = module.state_dict()
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-
-    def show(keys):
-        return f"{keys[:6]}{' ...' if len(keys) > 6 else ''} ({len(keys)})"
-
-    if missing or unexpected:
-        raise UserError(f"{path} does not match the expected architecture: missing keys {show(missing)}, "
-                        f"unexpected keys {show(unexpected)}")
-    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want if state[k].shape != want[k].shape]
-    if bad:
-        raise UserError(f"{path}: shape mismatch for {bad[:4]}{' ...' if len(bad) > 4 else ''}")
-    nn.Module.load_state_dict(module, state, strict=True)
 
 
 def _densenet121(in_channels: int, num_classes: int):

@@ -1,7 +1,11 @@
-"""`launch/downstream.py {diagnosis,severity,nih14,compare}`: argument parsing and one job per subcommand.
+"""`launch/downstream.py {diagnosis,severity,nih14,compare,severity-protocol}`: argument parsing and one job
+per subcommand.
 
-Config layering is runkit's: defaults here, then `--config FILE.yaml` (keys = flag names), then flags.
-Every job writes OUT/config.yaml, OUT/metrics.json, OUT/metrics.jsonl and its PNGs, and prints where.
+Each task's flags derive from its config dataclass (downstream.config), so the flags, the YAML keys of
+`--config FILE.yaml` and the search-space keys are one list. Layering is runkit.typed's: defaults in the
+dataclass, then the YAML (each value checked like its flag: a bad type, choice or range exits 2 with one
+line), then flags. Every job writes OUT/config.yaml, OUT/metrics.json, OUT/metrics.jsonl and its PNGs,
+and prints where.
 """
 from __future__ import annotations
 
@@ -9,101 +13,42 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from runkit.config import parse_layered, save_resolved
+from downstream.config import CompareConfig, DiagnosisConfig, NIH14Config, SeverityConfig, SeverityProtocolConfig
+from runkit.config import save_resolved
 from runkit.errors import UserError
+from runkit.typed import add_arguments, parse_layered
 
-TASKS = ("diagnosis", "severity", "nih14", "compare")
-TRAIN_KEYS = ("mode", "head", "hidden", "dropout", "lr", "backbone_lr", "unfreeze", "lr_decay", "weight_decay",
-              "epochs", "batch_size", "eval_batch_size", "steps_per_epoch", "balance", "hflip", "vflip", "affine",
-              "brightness_contrast", "seed", "num_threads", "image_size", "resplit", "split_seed", "bn_recalibrate")
+CONFIGS = {"diagnosis": DiagnosisConfig, "severity": SeverityConfig, "nih14": NIH14Config,
+           "compare": CompareConfig, "severity-protocol": SeverityProtocolConfig}
+TASKS = tuple(CONFIGS)
+HELP = {"diagnosis": "COVID-19 / pneumonia / normal classifier",
+        "severity": "frozen-backbone regression of geographic extent and opacity",
+        "nih14": "multi-label NIH-14 head (BCE, AUROC per finding), streamed; saves nih14:DIR",
+        "compare": "diagnosis over seeds for several initialisations, mean ± sd (seed 004's protocol)",
+        "severity-protocol": "seed 000's table: feature sets x flips x 8:2 and 50/50 splits, vs the mean predictor"}
+INFRA = ("config", "out", "wandb", "wandb_project", "task")
 
 
-def _common(p: argparse.ArgumentParser, backbone_default: str = "scratch:densenet121") -> None:
+def _infra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML with any of these options (flags given here win)")
-    p.add_argument("--shards", nargs="+", help="shard folders, files, globs or brace patterns (any mix of sources)")
-    p.add_argument("--backbone", default=backbone_default,
-                   help="RUN[/encoder.pt] | scratch[:arch] | xrv:FILE | chexnet:FILE | nih14:DIR")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--image-size", type=int, help="input size (default: the backbone's own)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-threads", type=int, help="torch CPU threads")
     p.add_argument("--wandb", choices=("online", "offline", "disabled"),
                    help="W&B mode (default: WANDB_MODE, else offline)")
     p.add_argument("--wandb-project", default="xray-genesis")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
-
-
-def _training(p: argparse.ArgumentParser, *, balance: str = "sampler") -> None:
-    b = argparse.BooleanOptionalAction
-    p.add_argument("--mode", choices=("full", "partial", "linear"), default="full",
-                   help="full fine-tune, partial unfreezing (discriminative lr) or linear probe")
-    p.add_argument("--head", choices=("linear", "mlp"), default="linear")
-    p.add_argument("--hidden", type=int, default=256, help="MLP head width")
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
-    p.add_argument("--backbone-lr", type=float, help="full mode: backbone lr (default lr/10)")
-    p.add_argument("--unfreeze", type=int, default=2, help="partial mode: deepest stages that train")
-    p.add_argument("--lr-decay", type=float, default=0.3, help="partial mode: lr factor per stage downwards")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--steps-per-epoch", type=int, help="default: one pass over the training split")
-    p.add_argument("--balance", choices=("sampler", "weights", "none"), default=balance,
-                   help="class-balanced sampling, a class-weighted loss, or neither")
-    p.add_argument("--hflip", action=b, default=True)
-    p.add_argument("--vflip", action=b, default=False)
-    p.add_argument("--affine", action=b, default=True, help="small rotation/scale/shift")
-    p.add_argument("--brightness-contrast", action=b, default=True)
-    p.add_argument("--bn-recalibrate", type=int, default=16,
-                   help="batches used to re-estimate BatchNorm statistics after each epoch (0: off)")
-    p.add_argument("--resplit", action="store_true",
-                   help="ignore the shards' splits; stratified patient-grouped 64/16/20 split")
-    p.add_argument("--split-seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="downstream.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="task", required=True, metavar="{" + ",".join(TASKS) + "}")
-    p = sub.add_parser("diagnosis", help="COVID-19 / pneumonia / normal classifier")
-    _common(p)
-    _training(p)
-    p.add_argument("--scorecam-per-class", type=int, default=2, help="Score-CAM overlays per class (0: none)")
-    p.add_argument("--scorecam-max-channels", type=int, default=256,
-                   help="most active channels used by Score-CAM (0: all)")
-    p = sub.add_parser("compare", help="diagnosis over seeds for several initialisations, mean ± sd")
-    _common(p)
-    _training(p)
-    p.add_argument("--backbones", nargs="+", required=False,
-                   help="backbone specs to compare, e.g. RUN/encoder.pt scratch:densenet121")
-    p.add_argument("--names", nargs="+", help="a label per backbone (default: the specs)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--scorecam-per-class", type=int, default=2,
-                   help="Score-CAM overlays per class for the first seed of each initialisation (0: none)")
-    p.add_argument("--scorecam-max-channels", type=int, default=256,
-                   help="most active channels used by Score-CAM (0: all)")
-    p = sub.add_parser("nih14", help="multi-label NIH-14 head (BCE, AUROC per finding); saves nih14:DIR")
-    _common(p)
-    _training(p, balance="none")
-    p = sub.add_parser("severity", help="frozen-backbone regression of geographic extent and opacity")
-    _common(p)
-    p.add_argument("--features", default="pooled",
-                   help="pooled (last stage GAP) | multiscale (GAP of every encoder stage, concatenated) | "
-                        "pathologies (all outputs) | comma list, e.g. lung_opacity,pneumonia")
-    p.add_argument("--regressor", choices=("ridge", "linear"), default="ridge")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0])
-    p.add_argument("--targets", default="geographic_mean,opacity_mean")
-    p.add_argument("--train-flips", default="h,v", help="flipped feature copies for training: h,v,hv or none")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="average test predictions over the same flips")
-    p.add_argument("--test-size", type=float, default=0.2)
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=32)
+    for task, cls in CONFIGS.items():
+        p = sub.add_parser(task, help=HELP[task])
+        _infra(p)
+        add_arguments(p, cls)
     return parser
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse with runkit's layering inside the chosen subcommand (so --config keys are that task's flags)."""
+    """Parse with layering inside the chosen subcommand (so --config keys are that task's keys)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -118,9 +63,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _config(args: argparse.Namespace) -> dict:
-    cfg = {k: v for k, v in vars(args).items() if k not in ("config", "out", "wandb", "wandb_project", "task")}
-    if cfg.get("scorecam_max_channels") == 0:
-        cfg["scorecam_max_channels"] = None
+    """The task's validated config (ranges and cross-field checks included), device resolved once here."""
+    from downstream.device import parse_device
+
+    cfg = CONFIGS[args.task].from_namespace(args, f"{args.task} options").to_dict()
+    cfg["device"] = str(parse_device(cfg["device"]))
     return cfg
 
 
@@ -132,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} exists and is not a folder")
     if not args.shards:
         raise UserError(f"{args.task} needs --shards")
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(args, out)
     cfg = _config(args)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved({**vars(args), "device": cfg["device"]}, out)
+    print(f"{args.task}: device {cfg['device']}")
     if cfg.get("num_threads"):
         import torch
 
@@ -185,12 +133,14 @@ def _nih14(cfg: dict, out: Path, tracker) -> dict:
 
 
 def _compare(cfg: dict, out: Path, tracker) -> dict:
+    import numpy as np
+
     from downstream import compare
     from downstream.backbones import load_backbone
-    from downstream.data import split_indices
-    from downstream.diagnosis import load_diagnosis_data
-    from downstream.metrics import to_jsonable
+    from downstream.data import DIAGNOSIS_CLASSES, diagnosis_target
+    from downstream.streaming import prepare_sets
     from runkit.atomic import atomic_write_json, atomic_write_text
+    from runkit.jsonsafe import to_jsonable
 
     specs = cfg.get("backbones") or []
     if len(specs) < 1:
@@ -201,10 +151,12 @@ def _compare(cfg: dict, out: Path, tracker) -> dict:
     if len({compare.file_label(n) for n in names}) != len(names):
         raise UserError(f"--names {names} are not distinct as file names; give each initialisation its own label")
     size = cfg.get("image_size") or load_backbone(specs[0]).image_size
-    data = load_diagnosis_data(cfg["shards"], int(size))
-    splits = split_indices(data, seed=int(cfg["split_seed"]), resplit=bool(cfg["resplit"]))
-    train_cfg = {k: cfg[k] for k in TRAIN_KEYS if k in cfg}
-    train_cfg.update(image_size=int(size), progress=cfg.get("progress", True), scorecam_per_class=0)
+    data, splits = prepare_sets(cfg, diagnosis_target, int(size), "diagnosis shards")
+    train_cfg = {k: v for k, v in cfg.items() if k not in ("backbones", "names", "seeds")}
+    train_cfg.update(image_size=int(size), scorecam_per_class=0)
+    counts = {s: np.bincount(data.targets[splits[s]], minlength=len(DIAGNOSIS_CLASSES)).tolist() for s in splits}
+    print("split (patient-grouped): " + ", ".join(f"{s} {sum(c)} ({'/'.join(map(str, c))})" for s, c in counts.items())
+          + f" images of {'/'.join(DIAGNOSIS_CLASSES)}")
 
     def on_run(name, seed, row):
         tracker.log({f"{name}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
@@ -217,18 +169,30 @@ def _compare(cfg: dict, out: Path, tracker) -> dict:
         if seed == cfg["seeds"][0]:
             figures[name] = compare.write_run_figures(name, res, data, out,
                                                       per_class=int(cfg.get("scorecam_per_class") or 0),
-                                                      max_channels=cfg.get("scorecam_max_channels"))
+                                                      max_channels=cfg.get("scorecam_max_channels") or None)
 
     result = compare.compare_initialisations(train_cfg, specs, cfg["seeds"], data=data, splits=splits, names=names,
                                              on_run=on_run, on_result=on_result)
-    text = compare.table(result)
+    text = compare.table(result) + "\n\nsplit (patient-grouped): " + ", ".join(
+        f"{s} {sum(c)} ({'/'.join(map(str, c))})" for s, c in counts.items()) + f" images of {'/'.join(DIAGNOSIS_CLASSES)}"
     print(text)
     files = {"table": str(atomic_write_text(out / "compare_table.md", text + "\n"))}
     for name, f in figures.items():
         files[f"confusion_{compare.file_label(name)}"] = f["confusion"]
         files[f"scorecam_{compare.file_label(name)}"] = f["scorecam"]
-    atomic_write_json(out / "metrics.json", to_jsonable({"task": "compare", **result, "files": files}))
+    atomic_write_json(out / "metrics.json", to_jsonable({"task": "compare", **result, "counts": counts,
+                                                         "per_class": cfg.get("per_class"), "files": files}))
     return files
 
 
-_JOBS = {"diagnosis": _diagnosis, "severity": _severity, "nih14": _nih14, "compare": _compare}
+def _severity_protocol(cfg: dict, out: Path, tracker) -> dict:
+    from downstream import protocols
+
+    result = protocols.run_severity_protocol(cfg)
+    files = protocols.write_severity_protocol(result, out, tracker)
+    print(protocols.severity_protocol_table(result))
+    return files
+
+
+_JOBS = {"diagnosis": _diagnosis, "severity": _severity, "nih14": _nih14, "compare": _compare,
+         "severity-protocol": _severity_protocol}

@@ -1,5 +1,11 @@
-"""Downstream data sets are small (hundreds to a few thousand images): stream the shards once in eval mode
-into an in-memory `ImageSet`, then every epoch, seed, split repeat and Tune trial reuses it.
+"""Downstream data: label selection, the shard index, in-memory sets and patient-grouped splits.
+
+- Small sets (hundreds to a few thousand images) stream the shards once in eval mode into an in-memory
+  `ImageSet`; every epoch, seed, split repeat and Tune trial reuses it.
+- Large sets (NIH-14, diagnosis drawing on NIH) are first *indexed*: `scan_index` reads only the JSON of
+  every sample (no PNG is decoded), which gives the targets, patient groups and splits. Splits, per-class
+  balancing (`balance_per_class`) and the choice of what to load are made on the index, so an image that
+  is not used is never decoded; `KeySelect` then streams exactly one split's keys (downstream.streaming).
 
 Label selection lives here too, so "NIH No Finding -> normal" is decided in exactly one place.
 """
@@ -69,10 +75,10 @@ class ImageSet:
 
     @property
     def groups(self) -> np.ndarray:
-        """Patient groups for splitting; source-qualified so equal ids of two data sets stay apart."""
+        """Patient groups for splitting (see `patient_groups`); one per image without records."""
         if not self.records:
             return np.arange(len(self))
-        return np.array([f"{r.get('source', '')}:{r.get('patient_id') or r.get('key')}" for r in self.records])
+        return patient_groups(self.records)
 
     @property
     def splits(self) -> np.ndarray:
@@ -86,6 +92,102 @@ class ImageSet:
     def float_images(self, idx=None) -> torch.Tensor:
         x = self.images if idx is None else self.images[torch.as_tensor(np.asarray(idx, dtype=int))]
         return x.float().div_(255.0)
+
+
+def patient_groups(records: list[dict]) -> np.ndarray:
+    """Patient groups for splitting; source-qualified so equal ids of two data sets stay apart."""
+    return np.array([f"{r.get('source', '')}:{r.get('patient_id') or r.get('key')}" for r in records])
+
+
+@dataclass
+class ShardIndex:
+    """Every usable sample of some shards, without pixels: key, target, patient group and split.
+
+    Has the `targets`, `groups` and `splits` that `split_indices` and `balance_per_class` need."""
+
+    urls: list[str]
+    keys: np.ndarray
+    targets: np.ndarray
+    records: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def groups(self) -> np.ndarray:
+        return patient_groups(self.records)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return np.array([r.get("split", "") for r in self.records])
+
+    def subset(self, idx) -> ShardIndex:
+        idx = np.asarray(idx, dtype=int)
+        return ShardIndex(self.urls, self.keys[idx], self.targets[idx], [self.records[i] for i in idx])
+
+
+class KeySelect:
+    """A picklable `select` for the shard stream: the task's label function, only for `keys`."""
+
+    def __init__(self, select: Callable[[dict], object], keys):
+        self.select = select
+        self.keys = frozenset(str(k) for k in keys)
+
+    def __call__(self, rec: dict):
+        if rec.get("key") not in self.keys:
+            return None
+        return self.select(rec)
+
+
+_LITE = ("key", "source", "patient_id", "split")
+
+
+def scan_index(spec, select: Callable[[dict], object], *, desc: str = "indexing shards") -> ShardIndex:
+    """Read the `<key>.json` members of every shard (PNG members are skipped, not decoded) and keep the
+    samples `select` labels. A damaged shard or record is skipped, as the stream would skip it."""
+    import json
+    import tarfile
+
+    from tqdm import tqdm
+
+    urls = _urls(spec)
+    keys, targets, records = [], [], []
+    for url in tqdm(urls, desc=desc, unit="shard", leave=False):
+        try:
+            with tarfile.open(url, "r:*") as tar:
+                for member in tar:
+                    if not member.isfile() or not member.name.endswith(".json"):
+                        continue
+                    try:
+                        rec = json.loads(tar.extractfile(member).read())
+                    except (ValueError, UnicodeDecodeError, OSError):
+                        continue
+                    target = select(rec)
+                    if target is None:
+                        continue
+                    rec.setdefault("key", member.name[: -len(".json")].rsplit("/", 1)[-1])
+                    keys.append(str(rec["key"]))
+                    targets.append(np.asarray(target))
+                    records.append({k: rec.get(k) for k in _LITE})
+        except (tarfile.TarError, OSError, EOFError):
+            continue
+    if not keys:
+        raise UserError(f"no usable samples in {len(urls)} shard file(s) for this task (check the labels)")
+    return ShardIndex(urls, np.array(keys), np.stack(targets), records)
+
+
+def balance_per_class(targets: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of `n` images of every class (seed 004: 607 each), drawn at random; a class with fewer
+    than `n` images is a UserError naming it (so the table's class counts are what the paper says)."""
+    y = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if len(idx) < n:
+            raise UserError(f"per_class {n}: class {int(c)} has only {len(idx)} images; lower per_class or add shards")
+        out.append(rng.choice(idx, size=n, replace=False))
+    return np.sort(np.concatenate(out))
 
 
 def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -113,13 +215,16 @@ def _urls(spec) -> list[str]:
 
 
 def load_shards(spec, select: Callable[[dict], object], *, image_size: int, batch_size: int = 64,
-                num_workers: int = 0, desc: str = "loading shards") -> ImageSet:
-    """Stream shard folders / specs once (eval mode) and keep the samples `select` labels."""
+                num_workers: int = 0, desc: str = "loading shards", keys=None) -> ImageSet:
+    """Stream shard folders / specs once (eval mode) and keep the samples `select` labels (only `keys`,
+    if given: e.g. the images an index picked, so the rest are never decoded)."""
     from tqdm import tqdm
 
     from shards.stream import make_loader
 
     urls = _urls(spec)
+    if keys is not None:
+        select = KeySelect(select, keys)
     loader = make_loader(urls, mode="eval", batch_size=batch_size, select=select, image_size=image_size,
                          num_workers=num_workers)
     images, targets, records = [], [], []
@@ -133,10 +238,12 @@ def load_shards(spec, select: Callable[[dict], object], *, image_size: int, batc
     return ImageSet(torch.cat(images), np.concatenate(targets), records)
 
 
-def split_indices(data: ImageSet, *, seed: int = 0, resplit: bool = False,
+def split_indices(data, *, seed: int = 0, resplit: bool = False,
                   fractions=(0.64, 0.16, 0.20)) -> dict[str, np.ndarray]:
     """train/val/test indices: the records' own patient-grouped splits, or (resplit, or a split is empty)
-    a class-stratified, patient-grouped random split with the same 64/16/20 proportions."""
+    a class-stratified, patient-grouped random split with the same 64/16/20 proportions.
+
+    `data` is an `ImageSet` or a `ShardIndex` (anything with targets, groups and splits)."""
     splits = data.splits
     if not resplit and all((splits == s).any() for s in ("train", "val", "test")):
         return {s: np.flatnonzero(splits == s) for s in ("train", "val", "test")}

@@ -6,6 +6,10 @@ Modes:
   (discriminative learning rates); shallower stages are frozen and their BatchNorm stays in eval mode;
 - `linear`: a linear probe; the frozen backbone's pooled features are computed once and only the head trains.
 
+Data: an in-memory `ImageSet` (uint8 images, moved to the device a batch at a time and converted there)
+or a `downstream.streaming.StreamedSet` (a split streamed from the shards, for sets too large to hold).
+Device: `device` (a torch.device the job decided); on CUDA the forward passes run under bf16 autocast.
+
 `report(metrics)` is called after every epoch with the validation metrics (Ray Tune reports there and
 ASHA may stop the trial); the weights of the best epoch on `monitor` are restored at the end.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,32 +26,20 @@ from torch import nn
 
 from downstream.augment import augment
 from downstream.backbones import Backbone
+from downstream.config import FinetuneConfig
 from downstream.data import ImageSet
-from runkit.errors import UserError
+from downstream.device import autocast, to_float
+from downstream.streaming import StreamedSet
 
 MODES = ("full", "partial", "linear")
 BALANCE = ("sampler", "weights", "none")
 
-FINETUNE_DEFAULTS = {
-    "mode": "full", "head": "linear", "hidden": 256, "dropout": 0.2,
-    "lr": 1e-3, "backbone_lr": None, "unfreeze": 2, "lr_decay": 0.3, "weight_decay": 1e-4,
-    "epochs": 10, "batch_size": 32, "eval_batch_size": 64, "steps_per_epoch": None, "balance": "sampler",
-    "hflip": True, "vflip": False, "affine": True, "brightness_contrast": True,
-    "seed": 0, "num_threads": None, "progress": True, "bn_recalibrate": 16,
-}
 
-
-def resolve(config: dict | None, defaults: dict) -> dict:
-    cfg = {**defaults, **{k: v for k, v in (config or {}).items() if v is not None or k not in defaults}}
-    if cfg["mode"] not in MODES:
-        raise UserError(f"mode {cfg['mode']!r} is not one of {MODES}")
-    if cfg["balance"] not in BALANCE:
-        raise UserError(f"balance {cfg['balance']!r} is not one of {BALANCE}")
-    if cfg["head"] not in ("linear", "mlp"):
-        raise UserError(f"head {cfg['head']!r} is not linear or mlp")
-    if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
-        raise UserError("epochs and batch_size must be at least 1")
-    return cfg
+def resolve(config, cls: type[FinetuneConfig] = FinetuneConfig, source: str = "config") -> dict:
+    """A config mapping (or dataclass) validated as `cls` -> plain dict; unknown keys are UserErrors."""
+    if isinstance(config, FinetuneConfig):
+        config = config.to_dict()
+    return cls.from_dict(config, source).to_dict()
 
 
 class Classifier(nn.Module):
@@ -93,26 +85,49 @@ def configure_trainable(model: Classifier, cfg: dict) -> tuple[list[dict], list[
     return groups, frozen
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _image_batches(source, batch_size: int, device: torch.device, progress: bool = False, desc: str = "predict"
+                   ) -> Iterator[tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]]:
+    """(float images on `device`, targets, index positions) over an ImageSet / StreamedSet / tensor."""
+    from tqdm import tqdm
+
+    if isinstance(source, StreamedSet):
+        for x, y, keys in tqdm(source.eval_batches(batch_size), desc=desc, leave=False, disable=not progress):
+            yield to_float(x, device), y, source.order(keys)
+        return
+    images = source.images if isinstance(source, ImageSet) else source
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=not progress):
+        idx = np.arange(s, min(s + batch_size, len(images)))
+        yield to_float(images[s:s + batch_size], device), None, idx
+
+
 @torch.no_grad()
-def recalibrate_bn(model: Classifier, images: torch.Tensor, batches: int, batch_size: int) -> None:
+def recalibrate_bn(model: Classifier, images, batches: int, batch_size: int) -> None:
     """Re-estimate BatchNorm running statistics as exact averages over (un-augmented) training images.
 
     After a few hundred steps on a small data set the momentum-0.1 running averages still lag the weights,
     and an eval-mode model can collapse to one class even though training loss is low ("precise BN").
+    `images` is a uint8/float tensor (already in a random order) or a StreamedSet.
     """
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and any(p.requires_grad for p in m.parameters())]
     if not bns or batches <= 0:
         return
+    device = _device_of(model)
     saved = [(m, m.momentum, m.training) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
         m.train()
-    n = min(len(images), batches * batch_size)
-    for s in range(0, n, batch_size):
-        x = images[s:s + batch_size]
-        model.backbone(x.float().div(255.0) if x.dtype == torch.uint8 else x)
+    for i, (x, _, _) in enumerate(_image_batches(images, batch_size, device)):
+        if i >= batches:
+            break
+        with autocast(device):
+            model.backbone(x)
     for m, momentum, training in saved:
         m.momentum = momentum
         m.train(training)
@@ -127,36 +142,53 @@ def _train_mode(model: Classifier, frozen: list[nn.Module], linear: bool) -> Non
 
 
 @torch.no_grad()
-def predict(model: Classifier, images: torch.Tensor, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Logits for uint8 or float images, in eval mode."""
-    from tqdm import tqdm
-
+def predict_with_targets(model: Classifier, source, batch_size: int = 64, progress: bool = False
+                         ) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Logits (float32, CPU) in the source's order, and the targets (streamed sets: from the stream)."""
     model.eval()
-    out = []
-    for s in tqdm(range(0, len(images), batch_size), desc="predict", leave=False, disable=not progress):
-        x = images[s:s + batch_size]
-        x = x.float().div(255.0) if x.dtype == torch.uint8 else x
-        out.append(model(x))
-    return torch.cat(out) if out else torch.zeros(0)
+    device = _device_of(model)
+    n = len(source)
+    logits, targets = None, None
+    for x, y, idx in _image_batches(source, batch_size, device, progress):
+        with autocast(device):
+            out = model(x).float().cpu()
+        if logits is None:
+            logits = torch.zeros(n, out.shape[1])
+            if y is not None:
+                targets = np.zeros((n, *y.shape[1:]), dtype=y.dtype)
+        logits[torch.as_tensor(idx)] = out
+        if y is not None:
+            targets[idx] = y
+    if logits is None:
+        return torch.zeros(0), targets
+    return logits, targets
+
+
+def predict(model: Classifier, images, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Logits for uint8 or float images (or an ImageSet / StreamedSet), in eval mode, on the model's device."""
+    return predict_with_targets(model, images, batch_size, progress)[0]
 
 
 @torch.no_grad()
-def pooled_features(backbone: Backbone, images: torch.Tensor, batch_size: int = 64, progress: bool = False,
-                    flip: str = "none") -> torch.Tensor:
-    """Frozen pooled features of uint8/float images; `flip` in none|h|v|hv (for feature augmentation)."""
-    from tqdm import tqdm
-
+def pooled_features(backbone: Backbone, images, batch_size: int = 64, progress: bool = False,
+                    flip: str = "none", device: torch.device | None = None) -> torch.Tensor:
+    """Frozen pooled features (float32, CPU) of uint8/float images or a set, extracted on `device` (default:
+    the backbone's); `flip` in none|h|v|hv (for feature augmentation)."""
     backbone.eval()
-    out = []
-    for s in tqdm(range(0, len(images), batch_size), desc=f"features[{flip}]", leave=False, disable=not progress):
-        x = images[s:s + batch_size]
-        x = x.float().div(255.0) if x.dtype == torch.uint8 else x
+    device = device or _device_of(backbone)
+    backbone.to(device)
+    out = None
+    for x, _, idx in _image_batches(images, batch_size, device, progress, desc=f"features[{flip}]"):
         if "h" in flip:
             x = x.flip(3)
         if "v" in flip:
             x = x.flip(2)
-        out.append(backbone.pooled(x))
-    return torch.cat(out)
+        with autocast(device):
+            f = backbone.pooled(x).float().cpu()
+        if out is None:
+            out = torch.zeros(len(images), f.shape[1])
+        out[torch.as_tensor(idx)] = f
+    return out if out is not None else torch.zeros(0)
 
 
 def _batches(n: int, targets: np.ndarray, cfg: dict, gen: torch.Generator, multiclass: bool):
@@ -172,68 +204,94 @@ def _batches(n: int, targets: np.ndarray, cfg: dict, gen: torch.Generator, multi
     return [idx[i * bs:(i + 1) * bs] for i in range(steps)]
 
 
-def fit(model: Classifier, train: ImageSet, val: ImageSet, config: dict, *, multiclass: bool,
-        evaluate: Callable[[np.ndarray, np.ndarray], dict], monitor: str,
-        report: Callable[[dict], object] | None = None, log: Callable[[dict, int], None] | None = None) -> dict:
-    """Train `model` in place; returns {'history', 'best_epoch', 'best': val metrics of the restored epoch}.
+def class_weights(y: np.ndarray, multiclass: bool) -> torch.Tensor:
+    """Multi-class: n / (K * count) per class; multi-label: the positive weight negatives / positives."""
+    if multiclass:
+        counts = np.bincount(y, minlength=int(y.max()) + 1).astype(float)
+        return torch.as_tensor(len(y) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float)
+    pos = np.asarray(y, dtype=float).sum(0)
+    return torch.as_tensor((len(y) - pos) / np.maximum(pos, 1.0), dtype=torch.float)
 
-    `evaluate(probabilities, targets)` gives the validation metrics; `monitor` (higher is better) picks the epoch.
+
+def fit(model: Classifier, train, val, config: dict, *, multiclass: bool,
+        evaluate: Callable[[np.ndarray, np.ndarray], dict], monitor: str,
+        report: Callable[[dict], object] | None = None, log: Callable[[dict, int], None] | None = None,
+        device: torch.device | str = "cpu") -> dict:
+    """Train `model` in place on `device`; returns {'history', 'best_epoch', 'best': val metrics of the
+    restored epoch, 'balance': what balancing ran}.
+
+    `train`/`val` are ImageSets or StreamedSets. `evaluate(probabilities, targets)` gives the validation
+    metrics; `monitor` (higher is better) picks the epoch. A streamed training split cannot be drawn from
+    by class, so `balance: sampler` becomes the class-weighted loss there (recorded in the result).
     """
     from tqdm import tqdm
 
     cfg = config
+    device = torch.device(device)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     torch.manual_seed(int(cfg["seed"]))
     gen = torch.Generator().manual_seed(int(cfg["seed"]))
+    model.to(device)
     groups, frozen = configure_trainable(model, cfg)
     opt = torch.optim.AdamW(groups, weight_decay=float(cfg["weight_decay"]))
     epochs = int(cfg["epochs"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     linear = cfg["mode"] == "linear"
+    streamed = isinstance(train, StreamedSet)
+    balance = cfg["balance"]
+    if streamed and balance == "sampler":
+        balance = "weights"
     y_train = train.targets
+    weight = class_weights(y_train, multiclass).to(device) if balance == "weights" else None
     if multiclass:
-        y_all = torch.as_tensor(y_train, dtype=torch.long)
-        weight = None
-        if cfg["balance"] == "weights":
-            counts = np.bincount(y_train, minlength=int(y_train.max()) + 1).astype(float)
-            weight = torch.as_tensor(len(y_train) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float)
-
         def loss_fn(logits, y):
-            return F.cross_entropy(logits, y, weight=weight)
+            return F.cross_entropy(logits.float(), y.long(), weight=weight)
     else:
-        y_all = torch.as_tensor(y_train, dtype=torch.float)
-
         def loss_fn(logits, y):
-            return F.binary_cross_entropy_with_logits(logits, y)
+            return F.binary_cross_entropy_with_logits(logits.float(), y.float(), pos_weight=weight)
 
+    bs, evbs = int(cfg["batch_size"]), int(cfg["eval_batch_size"])
     # A linear probe sees each image's frozen features, computed once (no augmentation needed).
-    feats_train = pooled_features(model.backbone, train.images, int(cfg["eval_batch_size"])) if linear else None
-    feats_val = pooled_features(model.backbone, val.images, int(cfg["eval_batch_size"])) if linear else None
+    feats_train = pooled_features(model.backbone, train, evbs, device=device).to(device) if linear else None
+    feats_val = pooled_features(model.backbone, val, evbs, device=device).to(device) if linear else None
+    y_all = torch.as_tensor(y_train).to(device)
 
-    def val_probs() -> np.ndarray:
+    def val_probs() -> tuple[np.ndarray, np.ndarray]:
         if linear:
             model.head.eval()
             with torch.no_grad():
-                logits = model.head(feats_val)
+                logits = model.head(feats_val).float().cpu()
+            targets = val.targets
         else:
-            logits = predict(model, val.images, int(cfg["eval_batch_size"]))
-        return (logits.softmax(1) if multiclass else logits.sigmoid()).numpy()
+            logits, targets = predict_with_targets(model, val, evbs)
+            targets = val.targets if targets is None else targets
+        return (logits.softmax(1) if multiclass else logits.sigmoid()).numpy(), targets
 
     aug = {k: cfg[k] for k in ("hflip", "vflip", "affine", "brightness_contrast")}
+    steps = int(cfg["steps_per_epoch"] or max(1, int(np.ceil(len(train) / bs))))
     history, best_state, best_score, best_epoch, best = [], None, -np.inf, -1, {}
     for epoch in range(epochs):
         t0 = time.time()
         _train_mode(model, frozen, linear)
         losses = []
-        batches = _batches(len(train), y_train, cfg, gen, multiclass)
-        for idx in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not cfg["progress"]):
-            y = y_all[idx]
+        if streamed and not linear:
+            batches = train.train_batches(bs, steps, seed=int(cfg["seed"]) * 1000 + epoch)
+        else:
+            batches = _batches(len(train), y_train, {**cfg, "balance": balance}, gen, multiclass)
+        for item in tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                         disable=not cfg["progress"]):
             if linear:
-                logits = model.head(feats_train[idx])
+                idx = item.to(device)
+                logits, y = model.head(feats_train[idx]), y_all[idx]
             else:
-                x = augment(train.images[idx].float().div_(255.0), gen=gen, **aug)
-                logits = model(x)
+                if streamed:
+                    x, y = item[0].to(device, non_blocking=True), item[1].to(device)
+                else:
+                    x, y = to_float(train.images[item], device), y_all[item.to(device)]
+                x = augment(x, gen=gen, **aug)
+                with autocast(device):
+                    logits = model(x)
             loss = loss_fn(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -241,9 +299,10 @@ def fit(model: Classifier, train: ImageSet, val: ImageSet, config: dict, *, mult
             losses.append(loss.item())
         sched.step()
         if not linear and cfg["bn_recalibrate"]:
-            order = torch.randperm(len(train), generator=gen)
-            recalibrate_bn(model, train.images[order], int(cfg["bn_recalibrate"]), int(cfg["eval_batch_size"]))
-        metrics = evaluate(val_probs(), val.targets)
+            source = train if streamed else train.images[torch.randperm(len(train), generator=gen)]
+            recalibrate_bn(model, source, int(cfg["bn_recalibrate"]), evbs)
+        probs, targets = val_probs()
+        metrics = evaluate(probs, targets)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.time() - t0,
                **{f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
         history.append(row)
@@ -258,4 +317,4 @@ def fit(model: Classifier, train: ImageSet, val: ImageSet, config: dict, *, mult
             report(row)
     model.load_state_dict(best_state)
     model.eval()
-    return {"history": history, "best_epoch": best_epoch, "best": best}
+    return {"history": history, "best_epoch": best_epoch, "best": best, "balance": balance}

@@ -80,15 +80,7 @@ def fmt_mean_sd(d: dict, digits: int = 3) -> str:
 
 
 def to_jsonable(obj):
-    """numpy scalars -> Python, NaN -> None (strict JSON), recursively."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    """numpy scalars -> Python, NaN -> None (strict JSON), recursively (runkit.jsonsafe, the one sanitiser)."""
+    from runkit.jsonsafe import to_jsonable as sanitise
+
+    return sanitise(obj)

@@ -13,26 +13,29 @@ import numpy as np
 import torch
 
 from downstream.backbones import Backbone, SmpBody, load_backbone, save_nih14
-from downstream.data import ImageSet, findings_target, load_shards, split_indices
-from downstream.finetune import FINETUNE_DEFAULTS, Classifier, fit, predict, resolve
-from downstream.metrics import multilabel_auroc, to_jsonable
+from downstream.config import NIH14Config
+from downstream.data import ImageSet, ShardIndex, findings_target, split_indices
+from downstream.device import parse_device
+from downstream.finetune import Classifier, fit, predict_with_targets, resolve
+from downstream.metrics import multilabel_auroc
+from downstream.streaming import prepare_sets, split_sets
 from runkit.errors import UserError
+from runkit.jsonsafe import to_jsonable
 from shards.record import NIH_FINDINGS
-
-NIH14_DEFAULTS = {**FINETUNE_DEFAULTS, "backbone": "scratch:densenet121", "image_size": None, "shards": None,
-                  "balance": "none", "resplit": False, "split_seed": 0, "head": "linear"}
 
 
 def evaluate_probs(probs: np.ndarray, targets: np.ndarray) -> dict:
     return multilabel_auroc(targets, probs, NIH_FINDINGS)
 
 
-def train_nih14(config: dict, *, data: ImageSet | None = None, splits: dict | None = None,
+def train_nih14(config, *, data: ImageSet | ShardIndex | None = None, splits: dict | None = None,
                 backbone: Backbone | None = None, report: Callable[[dict], object] | None = None,
                 log: Callable[[dict, int], None] | None = None) -> dict:
-    cfg = resolve(config, NIH14_DEFAULTS)
-    if cfg["head"] != "linear":
-        raise UserError("the NIH-14 head is linear (its outputs become named severity features)")
+    """Fine-tune the 14-finding head. By default (`stream: on`) the shards are indexed (JSON only), split
+    by patient, and every epoch streams the training split; validation and test stream too, so memory
+    does not grow with the number of images."""
+    cfg = resolve(config, NIH14Config)
+    device = parse_device(cfg["device"])
     torch.manual_seed(int(cfg["seed"]))
     if backbone is None:
         backbone = load_backbone(cfg["backbone"], image_size=cfg["image_size"])
@@ -44,17 +47,23 @@ def train_nih14(config: dict, *, data: ImageSet | None = None, splits: dict | No
     if data is None:
         if not cfg["shards"]:
             raise UserError("nih14 needs --shards with NIH images")
-        data = load_shards(cfg["shards"], findings_target, image_size=image_size, desc="nih14 shards")
+        data, found = prepare_sets(cfg, findings_target, image_size, "nih14 shards")
+        splits = splits or found
     if splits is None:
         splits = split_indices(data, seed=int(cfg["split_seed"]), resplit=bool(cfg["resplit"]))
+    for name in ("train", "val", "test"):
+        if len(splits[name]) == 0:
+            raise UserError(f"the nih14 {name} split is empty; use more images or --resplit")
     model = Classifier(backbone, len(NIH_FINDINGS), head="linear", dropout=float(cfg["dropout"]))
-    train, val, test = (data.subset(splits[s]) for s in ("train", "val", "test"))
+    train, val, test = split_sets(data, splits, findings_target, image_size, cfg)
     out = fit(model, train, val, cfg, multiclass=False, evaluate=evaluate_probs, monitor="mean_auroc",
-              report=report, log=log)
-    probs = predict(model, test.images, int(cfg["eval_batch_size"])).sigmoid().numpy()
+              report=report, log=log, device=device)
+    logits, _ = predict_with_targets(model, test, int(cfg["eval_batch_size"]))
+    probs = logits.sigmoid().numpy()
+    model.cpu()
     backbone.classifier = model.head[-1]
     backbone.pathology_names = tuple(NIH_FINDINGS)
-    return {"config": dict(cfg), "val": out["best"], "best_epoch": out["best_epoch"],
+    return {"config": {**cfg, "device": str(device)}, "streamed": isinstance(data, ShardIndex), "val": out["best"], "best_epoch": out["best_epoch"],
             "test": evaluate_probs(probs, test.targets), "history": out["history"], "backbone": backbone,
             "counts": {s: len(splits[s]) for s in splits}}
 
@@ -70,6 +79,7 @@ def write_outputs(result: dict, out_dir: str | Path, tracker=None) -> dict:
              "curves": str(plots.curve_png(result["history"], ["train_loss", "val_mean_auroc"], out / "curves.png",
                                            "NIH-14 training"))}
     metrics = {"task": "nih14", "findings": list(NIH_FINDINGS), "backbone": result["config"]["backbone"],
+               "device": result["config"]["device"], "streamed": result["streamed"],
                "counts": result["counts"], "best_epoch": result["best_epoch"], "val": result["val"],
                "test": result["test"], "history": result["history"], "files": files}
     atomic_write_json(out / "metrics.json", to_jsonable(metrics))

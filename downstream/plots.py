@@ -1,29 +1,17 @@
 """PNG figures of the downstream jobs (matplotlib Agg, written atomically)."""
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from runkit.atomic import atomic_write_bytes
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from runkit.figures import pyplot as _figure
+from runkit.figures import save_png
 
 
 def _save(fig, path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _figure().close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_png(fig, path)
 
 
 def confusion_png(cm, class_names: Sequence[str], path, title: str = "confusion matrix (test)") -> Path:

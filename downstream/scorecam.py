@@ -64,25 +64,40 @@ def resolve_layer(shapes: list[tuple[int, int]], layer="auto") -> int:
 
 @torch.no_grad()
 def score_cam(model, images: torch.Tensor, target=None, *, batch_size: int = 64, max_channels: int | None = None,
-              baseline: bool = False, layer="auto") -> tuple[torch.Tensor, torch.Tensor]:
+              baseline: bool = False, layer="auto", device: torch.device | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps [B,H,W] in [0,1] for `images` [B,1,H,W] in [0,1] (uint8 is accepted) and the class index each
     map explains (`target`, default: the predicted class).
 
     `model` is a `downstream.finetune.Classifier` (backbone feature map + head). `layer` picks the encoder
     stage whose channels make the masks (see `stage_maps`; -1 is the last stage, "auto" the deepest one
     that is at least AUTO_MIN_SIDE cells wide). `max_channels` keeps the most active channels only,
-    trading fidelity for speed; `baseline` subtracts the score of a black image.
+    trading fidelity for speed; `baseline` subtracts the score of a black image. It runs on `device`
+    (default: the model's), uint8 images moving there before conversion, under bf16 autocast on CUDA;
+    maps and classes come back on the CPU.
     """
+    from downstream.device import autocast, to_float
+
     model.eval()
-    x_all = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    model.to(device)
+
+    def probs(x):
+        with autocast(device):
+            return model(x).float().softmax(1)
+
+    x_all = to_float(images, device)
     b, _, h, w = x_all.shape
-    logits = model(x_all)
-    classes = logits.argmax(1) if target is None else torch.as_tensor(target).long().expand(b).clone()
-    base = model(torch.zeros_like(x_all[:1])).softmax(1)[0] if baseline else None
+    p_all = probs(x_all)
+    classes = p_all.argmax(1).cpu() if target is None else torch.as_tensor(target).long().expand(b).clone()
+    base = probs(torch.zeros_like(x_all[:1]))[0] if baseline else None
     maps = torch.zeros(b, h, w)
     for i in range(b):
         x = x_all[i:i + 1]
-        stages = stage_maps(model.backbone, x)
+        with autocast(device):
+            stages = [s.float() for s in stage_maps(model.backbone, x)]
         acts = stages[resolve_layer([tuple(s.shape[-2:]) for s in stages], layer)][0]  # [K, h', w']
         if max_channels and acts.shape[0] > max_channels:
             acts = acts[acts.mean(dim=(1, 2)).topk(max_channels).indices]
@@ -94,11 +109,11 @@ def score_cam(model, images: torch.Tensor, target=None, *, batch_size: int = 64,
         scores = []
         for s in range(0, masks.shape[0], batch_size):
             m = masks[s:s + batch_size, None]
-            scores.append(model(x * m).softmax(1)[:, c])
+            scores.append(probs(x * m)[:, c])
         weights = torch.cat(scores)
         if base is not None:
             weights = weights - base[c]
         cam = F.relu((weights.view(-1, 1, 1) * up).sum(0))
         rng = cam.max() - cam.min()
-        maps[i] = (cam - cam.min()) / rng if rng > 0 else torch.zeros_like(cam)
+        maps[i] = ((cam - cam.min()) / rng if rng > 0 else torch.zeros_like(cam)).cpu()
     return maps, classes

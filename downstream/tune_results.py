@@ -4,17 +4,23 @@ test (best.json), a figure of every trial's metric curve (trials.png), and a W&B
 Selection: diagnosis trials score the best validation macro-F1 over their epochs (training restores the
 best epoch's weights); severity trials score their cross-validated MSE, and only trials that finished every
 fold are eligible (a partial CV mean over one lucky fold must not win). Errored trials never win.
+
+Pure reporting: this module reads Tune's experiment folder and writes files; it imports neither the
+driver (downstream.sweep) nor the trials (downstream.trials). The driver passes in the evaluation of the
+best configuration on test as a function.
 """
 from __future__ import annotations
 
 import csv
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from runkit.errors import UserError
+from runkit.jsonsafe import to_jsonable
 
 
 def _finite(v) -> bool:
@@ -106,12 +112,9 @@ def read_csv(path: str | Path) -> list[dict]:
 def plot_trials(rows: list[dict], metric: str, mode: str, best_id: str | None, path: Path) -> Path:
     """Left: each trial's per-iteration curve drawn at x = trial index (short curves = ASHA stops, x = errors).
     Right: the same curves against epoch/fold."""
-    import matplotlib
+    from runkit.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from runkit.atomic import atomic_write_bytes
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     longest = max([len(r["curve"]) for r in rows] + [1])
     for r in rows:
@@ -131,56 +134,20 @@ def plot_trials(rows: list[dict], metric: str, mode: str, best_id: str | None, p
     ax2.set_xlabel("training iteration (epoch / fold)")
     ax2.set_ylabel(metric)
     ax2.set_title("curves (ASHA stops end early)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_png(fig, path)
 
 
-def evaluate_best(settings, ctx, prep: dict, config: dict) -> dict:
-    """Retrain/refit the best configuration in the driver on the real splits; touches test exactly once."""
-    from downstream.metrics import to_jsonable
+def finalize(settings, experiment_path: str, metric: str, mode: str, *,
+             evaluate: Callable[[dict], dict] | None = None, wandb_mode: str = "disabled",
+             extra: dict | None = None) -> dict:
+    """results.csv, trials.png, best.json (with `evaluate(best_config)` merged in) and a W&B summary run.
 
-    splits, data = prep["splits"], prep["data"]
-    if settings.task == "diagnosis":
-        from downstream.diagnosis import train_diagnosis
-        from downstream.tuning import diagnosis_trial_config, feature_backbone
-
-        cfg = diagnosis_trial_config(config, ctx)
-        backbone = None
-        if cfg.get("mode") == "linear" and prep["features"] is not None:
-            data = prep["features"]
-            backbone = feature_backbone(int(data.images.shape[1]), ctx.backbone)
-        res = train_diagnosis(cfg, data=data, splits=splits, backbone=backbone)
-        keep = ("accuracy", "macro_f1", "balanced_accuracy", "macro_auroc", "per_class", "confusion", "n")
-        return to_jsonable({"validation": {k: res["val"].get(k) for k in keep},
-                            "test": {k: res["test"].get(k) for k in keep}, "best_epoch": res["best_epoch"]})
-    from downstream.tuning import (
-        FLIP_SETS,
-        compute_severity_features,
-        feature_kind,
-        resolve_severity_trial,
-        severity_fold_metrics,
-    )
-
-    cfg = resolve_severity_trial({k: v for k, v in config.items() if k != "fail"})
-    kind = feature_kind(cfg["features"])
-    feats = prep["features"]
-    if feats is None:
-        feats = compute_severity_features(prep["backbone"], data.images, [kind], FLIP_SETS[str(cfg["flip"])])
-    pool = np.sort(np.concatenate([splits["train"], splits["val"]]))
-    test = severity_fold_metrics(feats[kind], data.targets, cfg, pool, splits["test"])
-    test["mse"] = float(np.mean([test[t]["mse"] for t in cfg["targets"]]))
-    return to_jsonable({"test": test, "n_train_val": len(pool), "n_test": len(splits["test"])})
-
-
-def finalize(settings, ctx, prep: dict, experiment_path: str, raw_space: dict, *, evaluate: bool = True) -> dict:
-    from downstream.tuning import METRIC
+    `settings` is the sweep's SweepConfig; `extra` is recorded in best.json (e.g. what the driver left out
+    of the space)."""
     from runkit.atomic import atomic_write_json
     from runkit.tracking import Tracker
 
     out = Path(settings.out)
-    metric, mode = METRIC[settings.task]
     rows = collect_trials(experiment_path, metric, mode)
     files = {"results": str(write_csv(rows, out / "results.csv"))}
     best = pick_best(rows, settings.task, mode)
@@ -192,16 +159,16 @@ def finalize(settings, ctx, prep: dict, experiment_path: str, raw_space: dict, *
                              else "cross-validated MSE on train+val, trials that finished every fold"),
                "trials": {"total": len(rows), "errored": sum(r["status"] == "ERROR" for r in rows),
                           "stopped_early": sum(bool(r["stopped_early"]) for r in rows)},
-               "backbone": settings.backbone, "experiment_path": experiment_path}
-    if evaluate:
-        ev = evaluate_best(settings, ctx, prep, best["config"])
+               "backbone": settings.backbone, "experiment_path": experiment_path, **(extra or {})}
+    if evaluate is not None:
+        ev = evaluate(best["config"])
         summary["test"] = ev.pop("test")
         if "validation" in ev:
             summary["validation"]["refit"] = ev.pop("validation")
         summary.update(ev)
-    files["best"] = str(atomic_write_json(out / "best.json", _plain(summary)))
-    tracker = Tracker(out, best["config"], project=ctx.wandb_project, group=settings.name,
-                      name=f"{settings.name}-best", job_type="sweep-best", mode=ctx.wandb_mode,
+    files["best"] = str(atomic_write_json(out / "best.json", to_jsonable(summary)))
+    tracker = Tracker(out, best["config"], project=settings.wandb_project, group=settings.name,
+                      name=f"{settings.name}-best", job_type="sweep-best", mode=wandb_mode,
                       jsonl_name="best_metrics.jsonl")
     try:
         flat = {f"val/{metric}": best["score"], "best_trial_id": best["trial_id"]}
@@ -213,9 +180,3 @@ def finalize(settings, ctx, prep: dict, experiment_path: str, raw_space: dict, *
     finally:
         tracker.finish()
     return {"experiment_path": experiment_path, "rows": rows, "best": summary, "files": files}
-
-
-def _plain(obj):
-    from downstream.metrics import to_jsonable
-
-    return to_jsonable(obj)

@@ -23,7 +23,7 @@ def test_head_fits_a_linear_signal_and_clips():
     n = 80
     x = rng.normal(size=(n, 6)).astype(np.float32)
     y = np.stack([np.clip(4 + 2 * x[:, 0], 0, 8), np.clip(3 + x[:, 1], 0, 6)], 1)
-    feats = {"names": [f"f{i}" for i in range(6)], "none": x, "h": x, "v": x}
+    feats = {"names": [f"f{i}" for i in range(6)], "none": x, "h": x, "v": x, "hv": x}
     groups = np.arange(n) // 2  # two images per patient
     r = fit_severity_head(feats, y, {"repeats": 5, "regressor": "linear"}, groups=groups)
     g = r["targets"]["geographic_mean"]
@@ -154,7 +154,7 @@ def _genesis_vs_random(tmp_path_factory, tmp_path) -> None:
     images = data.images.float().div(255)
 
     def mse(backbone) -> np.ndarray:  # the same 10 patient-grouped splits for every backbone
-        feats = extract_features(backbone, images, "multiscale", flips=("none", "h", "v"))
+        feats = extract_features(backbone, images, "multiscale", flips=("none", "h", "v", "hv"))
         r = fit_severity_head(feats, data.targets, {"repeats": 10, "columns": GENESIS_STAGES}, groups=data.groups)
         return np.array([r["targets"][t]["model"]["mse"]["mean"] for t in ("geographic_mean", "opacity_mean")])
 
