@@ -49,6 +49,9 @@ def format_counts(manifest: dict) -> str:
                  f"{totals['skipped']} inputs skipped")
     for reason, n in manifest["skipped_by_reason"].items():
         lines.append(f"  skipped {n}: {reason}")
+    dup = manifest.get("duplicates")
+    if dup and dup.get("groups"):
+        lines.append(f"duplicates inside this source (same pixels): {dup['groups']} groups, {dup['images']} images")
     return "\n".join(lines)
 
 
