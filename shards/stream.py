@@ -62,6 +62,11 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
     of a worker failing (or hanging) later. Remote URLs cannot be checked and pass through. A string
     that starts with `pipe:` is one URL (its command has spaces); quote pipe: URLs inside a longer list.
     """
+    groups = getattr(spec, "groups", None)
+    if groups is None and not isinstance(spec, MixtureUrls):
+        groups = parse_mixture(spec)
+    if groups is not None:
+        return MixtureUrls([u for g in groups for u in g.urls], groups)
     if isinstance(spec, str):
         tokens = [spec.strip()] if spec.strip().startswith("pipe:") else shlex.split(spec)
     else:
@@ -90,6 +95,17 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
     return urls
 
 
+class MixtureUrls(list):
+    """The shards of a mixture, all groups together, with the groups themselves in `.groups`."""
+
+    def __init__(self, urls: Iterable[str], groups: list["MixGroup"]):
+        super().__init__(urls)
+        self.groups = groups
+
+    def __reduce__(self):
+        return MixtureUrls, (list(self), self.groups)
+
+
 _GROUP_RE = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)=(?P<weight>[^:]*):(?P<spec>.*)$", re.S)
 
 
@@ -102,6 +118,8 @@ class MixGroup:
 
 
 def _tokens(spec: str | Iterable[str]) -> list[str]:
+    if isinstance(spec, MixtureUrls):
+        return []
     if isinstance(spec, str):
         return [spec.strip()] if spec.strip().startswith("pipe:") else shlex.split(spec)
     return [str(s) for s in spec]
@@ -109,6 +127,8 @@ def _tokens(spec: str | Iterable[str]) -> list[str]:
 
 def is_mixture(spec: str | Iterable[str]) -> bool:
     """Whether a shard spec uses the weighted-group syntax (any token of the form NAME=WEIGHT:...)."""
+    if isinstance(spec, MixtureUrls):
+        return True
     try:
         return any(_GROUP_RE.match(t) for t in _tokens(spec))
     except ValueError:
@@ -124,6 +144,8 @@ def parse_mixture(spec: str | Iterable[str]) -> list[MixGroup] | None:
     relative (normalised to sum 1). Every token must be a group once one is; names are unique;
     patterns are checked at once like plain specs (an empty glob is a UserError).
     """
+    if isinstance(spec, MixtureUrls):
+        return spec.groups
     tokens = _tokens(spec)
     matches = [_GROUP_RE.match(t) for t in tokens]
     if not any(matches):
@@ -557,8 +579,9 @@ def make_loader(urls: str | Iterable[str], *, mode: str, batch_size: int,
     rank, world_size = dist_info(rank, world_size)
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}")
-    groups = parse_mixture(urls)
-    url_list = [u for g in groups for u in g.urls] if groups else expand_urls(urls)
+    url_list = expand_urls(urls)
+    groups = getattr(url_list, "groups", None)
+    url_list = list(url_list)
     batches = None
     if mode == "train":
         if not epoch_size:

@@ -117,6 +117,17 @@ def test_every_rank_gets_the_same_number_of_full_batches(groups):
     assert lengths == [8, 8, 8]
 
 
+def test_expand_urls_keeps_the_groups_for_callers_that_want_a_list(groups):
+    s = spec(groups, {"a": 3, "b": 1})
+    urls = expand_urls(s)
+    assert list(urls) == expand_urls(f"{groups['a']}/*.tar") + expand_urls(f"{groups['b']}/*.tar")
+    assert [g.name for g in urls.groups] == ["a", "b"] and is_mixture(urls)
+    loader = make_loader(urls, mode="train", batch_size=4, epoch_size=40, num_workers=0)  # as the engine calls it
+    assert set(next(iter(loader))["group"]) <= {"a", "b"} and loader.realised_mix()["a"]["target"] == 0.75
+    import pickle
+    assert pickle.loads(pickle.dumps(urls)).groups == urls.groups
+
+
 def test_plain_specs_are_unchanged_and_eval_reads_the_union(groups):
     plain = make_loader(f"{groups['a']}/*.tar", mode="train", batch_size=4, epoch_size=40, num_workers=0)
     batch = next(iter(plain))
