@@ -84,3 +84,29 @@ def trained_diagnosis(tmp_path_factory) -> tuple[dict, list[dict]]:
         result = train_diagnosis(dict(TRAIN_CONFIG), data=diagnosis_set(tmp_path_factory), report=rows.append)
         _CACHE["trained"] = (result, rows)
     return _CACHE["trained"]
+
+
+N_NIH = 72
+
+
+def nih_shards(tmp_path_factory) -> Path:
+    """NIH-format phantoms (several images per patient) as 64 px shards of 12 samples each (so a stream
+    crosses shard boundaries)."""
+    if "nih" not in _CACHE:
+        from shards.sources import get_source
+        from shards.synth import synth_nih
+        from shards.writer import build
+
+        root = tmp_path_factory.getbasetemp() / "downstream-nih"
+        raw = synth_nih(root / "raw" / "nih", N_NIH, size=RAW_SIZE, seed=SEED)
+        out = root / "shards"
+        result = build(get_source("nih").scan(raw), out, source="nih", size=SIZE, workers=1, progress=False,
+                       max_count=12)
+        assert result.samples == N_NIH, result.summary()
+        _CACHE["nih"] = out
+    return _CACHE["nih"]
+
+
+def patient_ids(records, idx) -> set[str]:
+    """Patients of `records[idx]`, read from the records themselves (not through any `groups` property)."""
+    return {f"{records[i]['source']}:{records[i]['patient_id']}" for i in idx}
