@@ -122,7 +122,8 @@ def diagnosis_trainable(config: dict, ctx: SweepContext, data: ImageSet, splits:
 
     from downstream.diagnosis import train_diagnosis
 
-    cfg = diagnosis_trial_config(config, ctx, trial_device(ctx))
+    device = trial_device(ctx)
+    cfg = diagnosis_trial_config(config, ctx, device)
     trial_splits = {"train": splits["train"], "val": splits["val"], "test": splits["val"]}
     backbone = None
     if cfg.get("mode") == "linear" and features is not None:
@@ -136,7 +137,8 @@ def diagnosis_trainable(config: dict, ctx: SweepContext, data: ImageSet, splits:
         metrics = _numeric(row)
         f1 = metrics.get("val_macro_f1", float("nan"))
         state["best"] = max(state["best"], f1) if np.isfinite(f1) else state["best"]
-        metrics.update(best_val_macro_f1=state["best"], complete=float(int(row["epoch"]) >= epochs))
+        metrics.update(best_val_macro_f1=state["best"], complete=float(int(row["epoch"]) >= epochs),
+                       on_gpu=float(device.startswith("cuda")))
         tracker.log(metrics, step=int(row["epoch"]))
         tune.report(metrics)
         _check_fail(config, state["reports"])
@@ -202,10 +204,11 @@ def severity_trainable(config: dict, ctx: SweepContext, targets: np.ndarray, gro
     cfg = resolve_severity_trial(config)
     torch.set_num_threads(max(1, int(ctx.threads)))
     kind = feature_kind(cfg["features"])
+    device = trial_device(ctx)
     if features is None:
         backbone = seeded_backbone(ctx.backbone, ctx.image_size, ctx.backbone_seed)
         features = compute_severity_features(backbone, images, [kind], FLIP_SETS[str(cfg["flip"])],
-                                             batch_size=int(cfg["batch_size"]), device=trial_device(ctx))
+                                             batch_size=int(cfg["batch_size"]), device=device)
     feats = features[kind]
     pool = np.sort(np.concatenate([splits["train"], splits["val"]]))
     folds = severity_folds(groups, pool, int(cfg["folds"]), int(cfg["seed"]))
@@ -219,7 +222,7 @@ def severity_trainable(config: dict, ctx: SweepContext, targets: np.ndarray, gro
             metrics = {f"val_mse_{t}": float(np.mean(v)) for t, v in per_target.items()}
             metrics.update(val_mse=float(np.mean([metrics[f"val_mse_{t}"] for t in cfg["targets"]])),
                            fold=k, fold_mse=float(np.mean([res[t]["mse"] for t in cfg["targets"]])),
-                           complete=float(k == len(folds)))
+                           complete=float(k == len(folds)), on_gpu=float(device.startswith("cuda")))
             tracker.log(metrics, step=k)
             tune.report(metrics)
             _check_fail(config, k)
