@@ -16,8 +16,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher appends it
     args = p.parse_args()
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo")
+    # The launcher sets RANK / WORLD_SIZE / MASTER_*; plain gloo avoids DeepSpeed's CPU comm op, a JIT C++
+    # build that takes minutes on a fresh machine. What is tested is the launcher's ranks and the stream.
+    dist.init_process_group(backend="gloo")
     from shards.stream import make_loader, realised_mix_all_ranks
 
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -99,6 +99,9 @@ def test_chexpert_counts_follow_the_uncertain_policy(phantoms, tmp_path, capsys,
     want_findings = Counter(CHEXPERT_NIH[c] for r in rows for c in CHEXPERT_NIH if r[c] in positive)
     got = totals(m, "findings")
     assert {k: v for k, v in got.items() if k not in ("No Finding", "unknown")} == want_findings
+    no_nih = [r for r in rows if not any(r[c] in positive for c in CHEXPERT_NIH)]
+    assert got["No Finding"] == sum(r["No Finding"] == "1.0" for r in no_nih)
+    assert got["unknown"] == sum(r["No Finding"] != "1.0" for r in no_nih)
     assert m["totals"]["samples"] == len(rows)
     recs = records(tmp_path / "s")
     assert_patients_apart(recs)
@@ -155,7 +158,10 @@ def test_mimic_official_split_and_labels(phantoms, tmp_path, capsys, labeler):
                    if labels.get((r["subject_id"], r["study_id"]), {}).get(c) == "1.0")
     assert totals(m, "source_labels") == want
     unlabelled = sum((r["subject_id"], r["study_id"]) not in labels for r in meta)
-    assert totals(m, "findings")["unknown"] == unlabelled
+    rows = [labels[(r["subject_id"], r["study_id"])] for r in meta if (r["subject_id"], r["study_id"]) in labels]
+    no_nih = [r for r in rows if not any(r[c] == "1.0" for c in CHEXPERT_NIH)]
+    assert totals(m, "findings")["unknown"] == unlabelled + sum(r["No Finding"] != "1.0" for r in no_nih)
+    assert totals(m, "findings")["No Finding"] == sum(r["No Finding"] == "1.0" for r in no_nih)
     if labeler == "chexpert":
         assert unlabelled > 0  # the phantom chexpert file leaves one study out, as real studies can be
     recs = records(tmp_path / "s")

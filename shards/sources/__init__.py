@@ -388,8 +388,9 @@ def uncertain_value(text: str, policy: str) -> int | None | str:
 def chexpert_style_labels(row: dict[str, str], policy: str) -> tuple[dict | None, list[str] | None, str | None, str | None]:
     """(source_labels, NIH findings, diagnosis, problem) from the 14 CheXpert columns of one row.
 
-    findings: the NIH-14 names whose CheXpert observation is 1 after the uncertain policy ([] when none
-    is; CheXpert does not label Mass, Nodule, ... so their absence means 'not labelled'). diagnosis:
+    findings: the NIH-14 names whose CheXpert observation is 1 after the uncertain policy; [] only when
+    none is and No Finding is 1; None (unknown) when none is and No Finding is not 1 (CheXpert does not
+    label Mass, Nodule, ... so their absence means 'not labelled' in any case). diagnosis:
     pneumonia when Pneumonia is 1, normal when No Finding is 1, other when any other observation is
     1, else None (unknown).
     """
@@ -400,6 +401,8 @@ def chexpert_style_labels(row: dict[str, str], policy: str) -> tuple[dict | None
             return None, None, None, f"bad label value {row.get(name)!r} in column {name!r}"
         labels[name] = v
     findings = sorted({CHEXPERT_TO_NIH[n] for n, v in labels.items() if v == 1 and n in CHEXPERT_TO_NIH})
+    if not findings and labels["No Finding"] != 1:
+        findings = None  # no NIH-14 positive, but not said to be normal either: unknown, not "No Finding"
     if labels["Pneumonia"] == 1:
         diagnosis = "pneumonia"
     elif labels["No Finding"] == 1:
