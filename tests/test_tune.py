@@ -196,3 +196,67 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(shard_dir, ray_clu
         assert (out / "trials" / t / "metrics.jsonl").read_text() == text
     assert 0 <= best["test"]["macro_f1"] <= 1 and sum(map(sum, best["test"]["confusion"])) == best["test"]["n"]
     assert not list(out.rglob("offline-run-*"))  # disabled W&B writes nothing
+
+
+# ------------------------------------------------------------------------------ default spaces fit the backbone
+
+
+def test_default_space_fits_the_backbone():
+    from downstream.sweep import fit_space_to_backbone
+    from downstream.tune_space import read_space
+
+    raw = read_space(REPO / "launch" / "configs" / "tune_severity.yaml")
+    named = raw["features"]["choice"]
+    assert any("lung_opacity" in str(v) for v in named) and "pathologies" in named
+    same, dropped = fit_space_to_backbone(raw, "severity", True, "xrv:FILE")
+    assert same == raw and dropped == []
+    fitted, dropped = fit_space_to_backbone(raw, "severity", False, "scratch")
+    assert fitted["features"]["choice"] == ["pooled", "multiscale"]
+    assert set(dropped) == set(named) - {"pooled", "multiscale"}
+    assert {k: v for k, v in fitted.items() if k != "features"} == {k: v for k, v in raw.items() if k != "features"}
+    with pytest.raises(UserError, match="named-output features"):
+        fit_space_to_backbone({"features": "lung_opacity"}, "severity", False, "scratch")
+
+
+@pytest.fixture(scope="module")
+def exported_encoder(tmp_path_factory) -> str:
+    import torch
+
+    from pretrain.model import build_unet, export_encoder
+
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("enc") / "run"
+    export_encoder(build_unet("resnet18"), run, {"encoder": "resnet18", "image_size": 64})
+    return str(run / "encoder.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["severity", "diagnosis"])
+def test_default_spaces_run_for_scratch_and_an_exported_encoder(task, shard_dir, ray_cluster, exported_encoder,
+                                                               tmp_path, capsys):
+    """The shipped default space, 3 trials, for a scratch backbone and for our own encoder.pt (neither has
+    named outputs). CI-sized: 32 px, and a few overrides of cost-only entries (diagnosis: 1 epoch of batch 16;
+severity: 2 folds, 50 MLP iterations); everything else is the shipped space."""
+    import runpy
+
+    main = runpy.run_path(str(REPO / "launch" / "tune.py"), run_name=f"default_{task}")["main"]
+    for name, backbone in (("scratch", "scratch:resnet18"), ("encoder", exported_encoder)):
+        out = tmp_path / f"{task}-{name}"
+        argv = [task, "--shards", str(shard_dir), "--backbone", backbone, "--num-samples", "3", "--out", str(out),
+                "--cpus-per-trial", "1", "--verbose", "0", "--wandb-mode", "disabled", "--device", "cpu",
+                "--image-size", "32"]
+        argv += ["--set", "epochs=1", "--set", "batch_size=16"] if task == "diagnosis" else \
+            ["--set", "folds=2", "--set", "max_iter=50"]
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        rows = list(csv.DictReader(open(out / "results.csv", newline="")))
+        best = json.loads((out / "best.json").read_text())
+        assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows), rows
+        assert best["test"], best
+        if task == "severity":
+            assert {r["config/features"] for r in rows} <= {"pooled", "multiscale"}
+            assert "pathologies" in best["left_out"]["features"]
+            assert "left out of the space" in captured.err + captured.out
+            assert best["test"]["mse"] >= 0
+        else:
+            assert {r["config/mode"] for r in rows} == {"partial"} and 0 <= best["test"]["macro_f1"] <= 1
