@@ -156,9 +156,9 @@ def dicom_bytes(stored: np.ndarray, *, photometric: str = "MONOCHROME2", bits_st
     dtype = "<u1" if bits_allocated == 8 else "<u2"
     ds.PixelData = np.ascontiguousarray(stored.astype(dtype)).tobytes()
     if transfer_syntax == "rle":
-        ds.compress(RLELossless)
+        ds.compress(RLELossless, generate_instance_uid=False)
     elif transfer_syntax == "jpeg2000":
-        ds.compress(JPEG2000Lossless)
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
     elif transfer_syntax not in ("explicit", "implicit"):
         raise ValueError(f"unknown transfer syntax {transfer_syntax!r}")
     buf = io.BytesIO()

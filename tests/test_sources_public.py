@@ -285,3 +285,58 @@ def test_folder_csv_errors_are_skips(tmp_path):
     out = list(get_source("folder").scan(src))
     assert sorted((o.name, o.reason) for o in out if isinstance(o, Skipped)) == [
         ("../etc.png", "unsafe path (..)"), ("a/x.png", "unknown diagnosis 'flu'"), ("b/gone.png", "missing file")]
+
+
+def test_padchest_label_lists_are_parsed_without_running_code():
+    from shards.sources.padchest import parse_labels, parse_window
+    assert parse_labels("['normal']") == ["normal"]
+    assert parse_labels("[' pneumonia', 'infiltrates', 'pneumonia']") == ["infiltrates", "pneumonia"]
+    assert parse_labels("") == [] and parse_labels("nan") == []
+    for bad in ("__import__('os').system('true')", "['a', 3]", "[unclosed", "{'a': 1}"):
+        assert parse_labels(bad) is None
+    assert parse_window("2048", "4096") == [2048.0, 4096.0] and parse_window("['1000', '1200']", "[800, 900]") == [1000.0, 800.0]
+    assert parse_window("None", "None") is None and parse_window("100", "0") is None
+
+
+def test_padchest_bad_rows_are_skips(phantoms, tmp_path):
+    src = tmp_path / "pc"
+    import shutil
+    shutil.copytree(phantoms / "padchest", src)
+    csv_path = src / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+    rows = list(csv.reader(io.StringIO(csv_path.read_text())))
+    header, first, second = rows[0], rows[1], rows[2]
+    first[header.index("Labels")] = "['normal'"
+    first[header.index("Projection")] = second[header.index("Projection")] = "PA"
+    second[header.index("ImageDir")] = ".."
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, first, second])
+    csv_path.write_text(buf.getvalue())
+    out = list(get_source("padchest").scan(src))
+    assert sorted(o.reason for o in out if isinstance(o, Skipped)) == ["unparseable Labels list", "unsafe file name"]
+
+
+def test_new_phantoms_are_byte_identical_for_one_seed(tmp_path):
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    for run in ("x", "y"):
+        for name, fn in synth_sources.WRITERS.items():
+            fn(tmp_path / run / name, 6, size=32, seed=5)
+    x, y = files(tmp_path / "x"), files(tmp_path / "y")
+    assert x.keys() == y.keys() and all(x[k] == y[k] for k in x)
+    assert any(k.endswith(".dicom") for k in x) and any(k.endswith(".csv.gz") for k in x)
+
+
+def test_dicom_laterals_are_dropped_unless_all_views(tmp_path):
+    src = tmp_path / "tree"
+    src.mkdir()
+    img = np.full((32, 32), 100, np.uint8)
+    img[8:24, 8:24] = 200
+    (src / "front.dcm").write_bytes(synth_sources.dicom_variant(img, "mono2-8bit", "f", view="PA"))
+    (src / "side.dcm").write_bytes(synth_sources.dicom_variant(img, "mono2-8bit", "s", view="LL"))
+    for views, kept in (("frontal", 1), ("all", 2)):
+        out = tmp_path / views
+        assert main(["build", "folder", "--src", str(src), "--out", str(out), "--size", "16", "--workers", "1",
+                     "--no-progress", "--views", views]) == 0
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["totals"]["samples"] == kept
+        assert [s["reason"] for s in m["skipped"]] == (["non-frontal view: LL"] if kept == 1 else [])
