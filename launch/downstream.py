@@ -4,8 +4,14 @@
     python launch/downstream.py compare   --shards ... --backbones RUN/encoder.pt scratch:densenet121 --seeds 0 1 2 --out OUT
     python launch/downstream.py severity  --shards DIR --backbone xrv:FILE --features lung_opacity --out OUT
     python launch/downstream.py nih14     --shards NIH_DIR --backbone RUN/encoder.pt --out OUT   # then nih14:OUT
+    python launch/downstream.py severity-protocol --config launch/configs/protocol_seed000.yaml \
+        --shards SEV_DIR --backbone xrv:FILE --out OUT                                    # seed 000's table
+    python launch/downstream.py compare --config launch/configs/protocol_seed004.yaml \
+        --shards DIR [DIR ...] --backbones RUN/encoder.pt scratch:densenet121 --out OUT   # seed 004
 
-Each writes OUT/metrics.json, OUT/config.yaml and its PNGs. See downstream/cli.py for every option.
+Every job takes --device auto|cpu|cuda[:i] and --config FILE.yaml (keys = the task's flags, validated
+like them). Each writes OUT/metrics.json, OUT/config.yaml and its PNGs. The options of each task are the
+fields of its dataclass in downstream/config.py.
 """
 from __future__ import annotations
 
