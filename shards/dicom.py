@@ -1,8 +1,9 @@
 """DICOM (Part 10 files) -> intensities in [0, 1], through pydicom and its pixel plugins.
 
-Compressed transfer syntaxes decode through pylibjpeg-libjpeg (JPEG baseline/extended/lossless,
-JPEG-LS), pylibjpeg-openjpeg (JPEG 2000) or python-gdcm when installed; RLE Lossless is native to
-pydicom. A transfer syntax that no installed plugin decodes, a file that is not DICOM, or pixel data
+Compressed transfer syntaxes decode through pydicom's plugins: RLE Lossless natively, JPEG
+baseline/extended through Pillow, JPEG 2000 through pylibjpeg-openjpeg (both default dependencies);
+JPEG Lossless and JPEG-LS through pylibjpeg-libjpeg (GPLv3, the optional `dicom-jpeg` extra) or
+python-gdcm when installed. A transfer syntax that no installed plugin decodes, a file that is not DICOM, or pixel data
 that does not decode raises `BadImage` with a one-line reason: it becomes a skip, never a crash.
 
 The display rule (documented because it sets every pixel; `shards.preprocess` turns the result into
