@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Fault injection and test hooks; hidden from --help.
     a("--debug-keys", default=None, help=argparse.SUPPRESS)
     a("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    a("--debug-nan-rank", type=int, default=0, help=argparse.SUPPRESS)
     a("--debug-enospc-at-step", type=int, default=None, help=argparse.SUPPRESS)
     a("--debug-step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
-    a("--debug-ckpt-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # see Trainer._debug_save_pause
+    a("--debug-ckpt-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # see pretrain.hooks
     return p
 
 
@@ -126,6 +127,7 @@ def load_ds_config(path: str | None, *, micro_batch: int | None, world_size: int
         raise UserError(f"DeepSpeed config {p} is not valid JSON: {exc}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"DeepSpeed config {p} must be a JSON object")
+    cfg = _strip_comments(cfg)
     cfg_micro = cfg.get("train_micro_batch_size_per_gpu")
     micro = micro_batch or (cfg_micro if isinstance(cfg_micro, int) else None) or 16
     accum = cfg.get("gradient_accumulation_steps", 1)
@@ -146,6 +148,13 @@ def load_ds_config(path: str | None, *, micro_batch: int | None, world_size: int
     cfg["train_batch_size"] = effective
     cfg.setdefault("steps_per_print", 10 ** 9)  # we print our own loss lines
     return cfg
+
+
+def _strip_comments(obj):
+    """Our JSONs explain themselves in "_comment" keys, which DeepSpeed must not see."""
+    if isinstance(obj, dict):
+        return {k: _strip_comments(v) for k, v in obj.items() if not str(k).startswith("_comment")}
+    return obj
 
 
 # ------------------------------------------------------------------------------------- distributed
@@ -250,18 +259,22 @@ class Trainer:
     def __init__(self, args, ds_config, train_urls, val_urls, rank, world, local_rank):
         import deepspeed
 
+        from pretrain.hooks import make_hooks
         from pretrain.loss import RestorationLoss
         from pretrain.model import build_unet
+        from pretrain.precision import prepare_ds_config, resolve
         from runkit.config import save_resolved
-        from runkit.tracking import Tracker
+        from runkit.tracking import Tracker, persistent_run_id
 
         self.args, self.rank, self.world = args, rank, world
         self.train_urls, self.val_urls = train_urls, val_urls
         self.out = Path(args.out)
         self.ckpt_dir = self.out / "checkpoints"
+        self.hooks = make_hooks(args)
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.precision = resolve(ds_config, self.device)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
 
         micro = ds_config["train_micro_batch_size_per_gpu"]
@@ -269,15 +282,13 @@ class Trainer:
         self.micro, self.accum = micro, accum
         self.effective_batch = ds_config["train_batch_size"]
         self.lr = args.lr * self.effective_batch / 256.0
-        ds_config = copy.deepcopy(ds_config)
-        ds_config["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": args.max_steps, "warmup_num_steps": min(args.warmup_steps, args.max_steps),
-            "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": args.min_lr_ratio}}
+        ds_config = prepare_ds_config(copy.deepcopy(ds_config), self.precision)
+        ds_config["scheduler"] = scheduler_config(args)
         self.model = build_unet(args.encoder, cbam_decoder=args.cbam_decoder, cbam_encoder=args.cbam_encoder)
-        if "optimizer" in ds_config:  # e.g. DeepSpeed's fused Adam on GPU; lr and weight decay are always ours
+        if "optimizer" in ds_config:  # a DeepSpeed optimizer named in the JSON; lr and weight decay are always ours
             ds_config["optimizer"].setdefault("params", {}).update(lr=self.lr, weight_decay=args.weight_decay)
             optimizer = None
-        else:
+        else:  # torch's AdamW: its fused kernel on GPU (no JIT-built op needed), the default one on CPU
             optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=args.weight_decay,
                                           fused=self.device.type == "cuda")
         self.ds_config = ds_config
@@ -285,8 +296,6 @@ class Trainer:
                                                     model_parameters=self.model.parameters(),
                                                     config=ds_config)
         skip_lone_rank_allreduce(self.engine)
-        self.in_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled()
-                         else torch.float16 if self.engine.fp16_enabled() else torch.float32)
         self.loss_fn = RestorationLoss(args.loss, args.l1_weight, image_size=args.image_size)
         self.corrupt = make_corruptor(args.genesis)
 
@@ -296,15 +305,18 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_resolved({**vars(args), "world_size": world, "micro_batch": micro,
                            "gradient_accumulation_steps": accum, "effective_batch": self.effective_batch,
-                           "scaled_lr": self.lr, "deepspeed": ds_config}, self.out)
+                           "scaled_lr": self.lr, **self.precision.describe(), "deepspeed": ds_config}, self.out)
+            print(f"pretrain: {world} rank(s) on {self.device.type}, {self.precision.name} "
+                  f"({self.precision.how}), ZeRO {self.precision.zero_stage}; micro-batch {micro} x accumulation "
+                  f"{accum} x {world} ranks = effective batch {self.effective_batch}, peak lr {self.lr:.3e} "
+                  f"(--lr {args.lr:g} x {self.effective_batch}/256)", flush=True)
         self._resume()
-        self.tracker = Tracker(self.out, config=vars(args), enabled=rank == 0, project=args.wandb_project,
-                               group=args.wandb_group, name=args.wandb_name, mode=args.wandb_mode,
-                               job_type="pretrain")
-        self.debug_dir = Path(args.debug_keys) if args.debug_keys else None
-        if self.debug_dir is not None:
-            self.debug_dir.mkdir(parents=True, exist_ok=True)
-            (self.debug_dir / f"pid_rank{rank}.txt").write_text(str(os.getpid()))
+        self.tracker = Tracker(self.out, config={**vars(args), "effective_batch": self.effective_batch,
+                                                 "scaled_lr": self.lr, **self.precision.describe()},
+                               enabled=rank == 0, project=args.wandb_project, group=args.wandb_group,
+                               name=args.wandb_name, mode=args.wandb_mode, job_type="pretrain",
+                               resume_id=persistent_run_id(self.out) if rank == 0 else None)
+        self.hooks.on_start(self)
 
     # -------------------------------------------------------------------------------- checkpoints
 
@@ -315,9 +327,11 @@ class Trainer:
             return
         _, tag, info = found
         zero = self.engine.zero_optimization_stage()
-        if zero > 0 and info.get("world_size") not in (None, self.world):
+        saved_zero = info.get("zero_stage", zero)
+        if (zero > 0 or saved_zero > 0) and info.get("world_size") not in (None, self.world):
             raise UserError(f"checkpoint {self.ckpt_dir / tag} was written by {info['world_size']} ranks with "
-                            f"ZeRO stage {zero}; resume it with the same number of ranks")
+                            f"ZeRO stage {saved_zero}, and ZeRO partitions do not load at another rank count; "
+                            f"resume with {info['world_size']} ranks (this job has {self.world})")
         load_path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
@@ -327,6 +341,7 @@ class Trainer:
         if self.engine.global_steps != self.step:
             raise RuntimeError(f"checkpoint {tag}: engine step {self.engine.global_steps} != saved step {self.step}")
         self.resumed_from = tag
+        self.hooks.on_resume(self, tag)
         if self.rank == 0:
             print(f"pretrain: resumed from {self.ckpt_dir / tag} at step {self.step} "
                   f"({self.samples_seen} samples seen)", flush=True)
@@ -340,9 +355,7 @@ class Trainer:
                   "best_val_ssim": self.best, "effective_batch": self.effective_batch, "lr": self.lr}
         failed = 0.0
         try:
-            if self.args.debug_enospc_at_step == self.step:
-                _inject_enospc(self.ckpt_dir / tag)
-            with self._debug_save_pause(tag):
+            with self.hooks.saving(self, tag):
                 self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
         except OSError as exc:
             failed = 1.0
@@ -355,48 +368,19 @@ class Trainer:
                 msg += f"the last complete one is {prev[1]}" if prev else "no complete checkpoint yet"
                 print(msg, file=sys.stderr, flush=True)
             return False
+        self.hooks.after_save(self, tag)
         dist.barrier()
         if self.rank == 0:
             try:
                 ckpt.mark_complete(self.ckpt_dir, tag, {"step": self.step, "world_size": self.world,
-                                                        "zero_stage": self.engine.zero_optimization_stage()})
+                                                        "zero_stage": self.engine.zero_optimization_stage(),
+                                                        "precision": self.precision.name})
                 ckpt.prune(self.ckpt_dir, self.args.keep_last)
             except OSError as exc:
                 ckpt.remove_partial(self.ckpt_dir, tag)
                 print(f"pretrain: warning: checkpoint {tag} could not be completed ({exc})", file=sys.stderr)
         dist.barrier()
         return True
-
-    @contextlib.contextmanager
-    def _debug_save_pause(self, tag: str):
-        """Test hook (--debug-ckpt-sleep S): on rank 0, after the first file of a checkpoint is written and
-        before the others, DeepSpeed's `latest` and COMPLETE.json, append the tag to
-        DEBUG/ckpt_saving_rank0.txt and sleep S seconds, so that a test can kill -9 the job mid-save."""
-        ce = self.engine.checkpoint_engine
-        if not self.args.debug_ckpt_sleep or self.rank != 0:
-            yield
-            return
-        orig, shadowed, paused = ce.save, "save" in vars(ce), False
-
-        def save(*a, **kw):
-            nonlocal paused
-            result = orig(*a, **kw)
-            if not paused:  # once per checkpoint
-                paused = True
-                if self.debug_dir is not None:
-                    with open(self.debug_dir / "ckpt_saving_rank0.txt", "a") as f:
-                        f.write(f"{tag}\n")
-                time.sleep(self.args.debug_ckpt_sleep)
-            return result
-
-        ce.save = save
-        try:
-            yield
-        finally:
-            if shadowed:
-                ce.save = orig
-            else:
-                del ce.save
 
     # ----------------------------------------------------------------------------------- training
 
@@ -410,7 +394,16 @@ class Trainer:
                            shuffle_buffer=self.args.shuffle_buffer, seed=data_seed, rank=self.rank,
                            world_size=self.world)
 
+    def _sync_due(self, last: bool) -> bool:
+        """Steps at which the host reads the device: logging, validation, checkpoints and the last step."""
+        a, s = self.args, self.step
+        return (last or s % a.log_every == 0 or s % a.checkpoint_every == 0
+                or bool(self.val_urls and s % a.val_every == 0))
+
     def train(self) -> None:
+        """The loop reads nothing back from the device between sync steps (`_sync_due`): the loss, the count
+        of non-finite losses and the first bad step accumulate on the device, and one all-reduce at a sync
+        step turns them into the log row, the NaN stop and the wall-clock stop together."""
         from tqdm import tqdm
 
         args = self.args
@@ -418,60 +411,63 @@ class Trainer:
         gen.manual_seed(args.seed * 7919 + self.rank * 104729 + self.step)
         bar = tqdm(total=args.max_steps, initial=self.step, desc="pretrain", unit="step",
                    disable=self.rank != 0, dynamic_ncols=True, file=sys.stdout)
-        loss_sum, loss_n, t0, imgs = 0.0, 0, time.perf_counter(), 0
-        t_start = t0
+        acc = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, micro-steps, non-finite count
+        first_bad = torch.full((), math.inf, dtype=torch.float64, device=self.device)
+        t0, imgs, t_start = time.perf_counter(), 0, time.perf_counter()
+        in_dtype = self.precision.input_dtype
         self.out_of_time = False
         self.engine.train()
         while self.step < args.max_steps and not self.out_of_time:
             n_batches = 0
-            for batch in self._train_loader():
+            loader = self._train_loader()
+            for batch in loader:
                 n_batches += 1
+                self.hooks.on_batch(self, batch)
                 x = batch["image"].to(self.device, non_blocking=True)
                 with torch.no_grad():
                     corrupted, target = self.corrupt(x, gen)
-                out = self.engine(corrupted.to(self.in_dtype))
-                loss = self.loss_fn(out, target)
-                if args.debug_nan_at_step is not None and self.step + 1 == args.debug_nan_at_step and self.rank == 0:
-                    loss = loss * float("nan")
-                if self.debug_dir is not None:
-                    with open(self.debug_dir / f"keys_rank{self.rank}.txt", "a") as f:
-                        f.write("".join(f"{self.step} {k}\n" for k in batch.get("key", [])))
-                out_of_time = (self.rank == 0 and args.max_minutes is not None
-                               and time.perf_counter() - t_start > 60 * args.max_minutes)
-                total, bad, stop = _all_sum([loss.item() if math.isfinite(loss.item()) else 0.0,
-                                             0.0 if math.isfinite(loss.item()) else 1.0, float(out_of_time)],
-                                            self.device)
-                if bad > 0:
-                    self._nan_dump(loss, batch, x, corrupted, out)
-                    raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} on {int(bad)} rank(s); "
-                                        f"diagnostics in {self.out / 'nan_dump.json'}")
+                out = self.engine(corrupted.to(in_dtype))
+                loss = self.hooks.on_loss(self, self.loss_fn(out.float(), target))
+                with torch.no_grad():
+                    d = loss.detach().double()
+                    finite = torch.isfinite(d)
+                    acc += torch.stack([torch.where(finite, d, 0.0), torch.ones_like(d), (~finite).double()])
+                    first_bad = torch.where(finite, first_bad, torch.clamp(first_bad, max=float(self.step + 1)))
                 self.engine.backward(loss)
-                lr_used = self.engine.get_lr()[0]  # the scheduler moves on inside step()
+                lr_used = self.engine.get_lr()[0]  # a host value; the scheduler moves on inside step()
                 self.engine.step()
-                loss_sum += total / self.world
-                loss_n += 1
                 imgs += x.shape[0] * self.world
                 if self.engine.global_steps == self.step:
                     continue  # inside a gradient accumulation window
                 self.step = self.engine.global_steps
                 self.samples_seen += self.effective_batch
                 bar.update(1)
-                if args.debug_step_sleep:
-                    time.sleep(args.debug_step_sleep)
-                if self.debug_dir is not None:
-                    self._write_param_checksum()
-                if self.step % args.log_every == 0 or self.step == args.max_steps or stop > 0:
-                    dt = time.perf_counter() - t0
-                    row = {"loss": loss_sum / max(1, loss_n), "lr": lr_used, "peak_lr": self.lr,
-                           "images_per_s": imgs / max(dt, 1e-9), "samples_seen": self.samples_seen,
-                           "effective_batch": self.effective_batch, "epoch": self.samples_seen / args.epoch_size}
-                    self.tracker.log(row, step=self.step)
-                    if self.rank == 0:
-                        bar.write(f"step {self.step:>7d}  loss {row['loss']:.4f}  lr {row['lr']:.3e}  "
-                                  f"{row['images_per_s']:.1f} img/s")
-                    loss_sum, loss_n, t0, imgs = 0.0, 0, time.perf_counter(), 0
-                self.out_of_time = self.out_of_time or stop > 0
-                last = self.step >= args.max_steps or self.out_of_time
+                self.hooks.after_step(self)
+                last = self.step >= args.max_steps
+                if not self._sync_due(last):
+                    continue
+                out_of_time = (self.rank == 0 and args.max_minutes is not None
+                               and time.perf_counter() - t_start > 60 * args.max_minutes)
+                total = _all_reduce_stats(acc, first_bad, out_of_time)
+                if total["bad"] > 0:
+                    self._nan_dump(total, loss, batch, x, corrupted, out)
+                    raise NonFiniteLoss(f"non-finite loss at step {total['first_bad_step']} on "
+                                        f"{int(total['bad'])} micro-step(s) over the ranks (seen at step "
+                                        f"{self.step}); diagnostics in {self.out / 'nan_dump.json'}")
+                dt = time.perf_counter() - t0
+                row = {"loss": total["loss_sum"] / max(1.0, total["micro_steps"]), "lr": lr_used, "peak_lr": self.lr,
+                       "images_per_s": imgs / max(dt, 1e-9), "samples_seen": self.samples_seen,
+                       "effective_batch": self.effective_batch, "gradient_accumulation_steps": self.accum,
+                       "epoch": self.samples_seen / args.epoch_size}
+                row.update(loader.mix_metrics())  # mix/<group>: realised share of each source this epoch (rank 0)
+                self.tracker.log(row, step=self.step)
+                if self.rank == 0:
+                    bar.write(f"step {self.step:>7d}  loss {row['loss']:.4f}  lr {row['lr']:.3e}  "
+                              f"{row['images_per_s']:.1f} img/s")
+                acc.zero_()
+                t0, imgs = time.perf_counter(), 0
+                self.out_of_time = total["out_of_time"] > 0
+                last = last or self.out_of_time
                 if self.val_urls and (self.step % args.val_every == 0 or last):
                     self.validate()
                     self.engine.train()
@@ -483,15 +479,12 @@ class Trainer:
                 raise UserError(f"the training shards gave no batch of {self.micro} per rank "
                                 f"(--epoch-size {args.epoch_size}, {self.world} ranks)")
         bar.close()
+        if self.out_of_time and self.rank == 0:
+            print(f"pretrain: --max-minutes {args.max_minutes:g} spent; stopped at step {self.step} "
+                  f"of {args.max_steps}", flush=True)
         self._export_final()
 
-    def _write_param_checksum(self) -> None:
-        with torch.no_grad():
-            s = sum(p.detach().double().sum().item() for p in self.engine.module.parameters())
-        with open(self.debug_dir / f"params_rank{self.rank}.txt", "a") as f:
-            f.write(f"{self.step} {s:.12e}\n")
-
-    def _nan_dump(self, loss, batch, x, corrupted, out) -> None:
+    def _nan_dump(self, total: dict, loss, batch, x, corrupted, out) -> None:
         """Every rank writes its own view; rank 0's is nan_dump.json, others nan_dump_rank<R>.json."""
         from runkit.atomic import atomic_write_json
 
@@ -500,7 +493,9 @@ class Trainer:
             return {"shape": list(t.shape), "min": _f(t.min()), "max": _f(t.max()), "mean": _f(t.mean()),
                     "nonfinite": int((~torch.isfinite(t)).sum())}
 
-        dump = {"step": self.step + 1, "rank": self.rank, "loss": str(loss.item()),
+        dump = {"step": total["first_bad_step"], "detected_at_step": self.step, "rank": self.rank,
+                "nonfinite_micro_steps_all_ranks": int(total["bad"]),
+                "loss": str(loss.item()),  # this rank's loss at the step the stop was seen
                 "keys": list(batch.get("key", [])), "batch_fields": sorted(batch),
                 "input": stats(x), "corrupted": stats(corrupted), "output": stats(out),
                 "lr": self.engine.get_lr()[0], "samples_seen": self.samples_seen,
@@ -517,12 +512,11 @@ class Trainer:
         from shards.stream import make_loader
 
         self.engine.eval()
-        net = self.engine.module
         loader = make_loader(self.val_urls, mode="eval", batch_size=self.micro, image_size=self.args.image_size,
                              num_workers=min(self.args.num_workers, 1), rank=self.rank, world_size=self.world)
         cap = self.args.val_max_samples
         cap_rank = None if cap is None else -(-cap // self.world)
-        sums = [0.0] * 5  # ssim restored, ssim corrupted, psnr restored, psnr corrupted, count
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # ssim/psnr restored/identity, count
         grid = None
         seen = 0
         for i, batch in enumerate(loader):
@@ -535,15 +529,13 @@ class Trainer:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(VAL_SEED + 1000 * self.rank + i)  # same corruption at every evaluation
             corrupted, target = self.corrupt(x, gen)
-            restored = net(corrupted.to(self.in_dtype)).float()
+            restored = self.engine(corrupted.to(self.precision.input_dtype)).float()  # the engine's autocast
             s_r, s_c = ssim_per_sample(restored, target), ssim_per_sample(corrupted, target)
             p_r, p_c = psnr_per_sample(restored, target), psnr_per_sample(corrupted, target)
-            for j, v in enumerate((s_r, s_c, p_r, p_c)):
-                sums[j] += v.double().sum().item()
-            sums[4] += x.shape[0]
+            sums += torch.stack([v.double().sum() for v in (s_r, s_c, p_r, p_c)] + [sums.new_tensor(x.shape[0])])
             if grid is None and self.rank == 0:
                 grid = (target[:8].cpu(), corrupted[:8].float().cpu(), restored[:8].cpu())
-        total = _all_sum(sums, self.device)
+        total = _all_sum(sums.tolist(), self.device)
         n = max(total[4], 1.0)
         metrics = {"val/ssim": total[0] / n, "val/ssim_identity": total[1] / n, "val/psnr": total[2] / n,
                    "val/psnr_identity": total[3] / n, "val/count": int(total[4])}
@@ -560,30 +552,62 @@ class Trainer:
                 path = save_grid(self.out / "samples" / f"step_{self.step:08d}.png", *grid)
                 self.tracker.log_image("val/reconstructions", path, step=self.step,
                                        caption="original | corrupted | restored")
-            if improved:
-                self._export(self.out, metrics)
+        if improved:
+            self._export(self.out, metrics)  # collective: every rank takes part in gathering the fp32 weights
         return metrics
 
     def _export(self, where: Path, metrics: dict | None) -> None:
-        from pretrain.model import export_encoder
+        """Export the fp32 master weights (gathered from the ZeRO partitions on every rank; rank 0 writes)."""
+        from pretrain.model import build_unet, export_encoder
+        from pretrain.precision import full_fp32_state_dict
 
+        state = full_fp32_state_dict(self.engine)
+        if self.rank != 0:
+            return
+        if getattr(self, "_export_model", None) is None:
+            self._export_model = build_unet(self.args.encoder, cbam_decoder=self.args.cbam_decoder,
+                                            cbam_encoder=self.args.cbam_encoder)
+        keys = self._export_model.state_dict().keys()
+        self._export_model.load_state_dict({k: state[k] for k in keys}, strict=True)
         meta = {"encoder": self.args.encoder, "image_size": self.args.image_size, "step": self.step,
                 "samples_seen": self.samples_seen, "effective_batch": self.effective_batch, "lr": self.lr,
-                "loss": self.args.loss, "val": metrics or {}}
-        export_encoder(self.engine.module, where, meta)
+                "loss": self.args.loss, **self.precision.describe(), "world_size": self.world,
+                "val": metrics or {}}
+        export_encoder(self._export_model, where, meta)
 
     def _export_final(self) -> None:
         """With validation, RUN/encoder.pt is the best one and RUN/last/ the final; without, RUN/ is final."""
-        if self.rank != 0:
-            return
         where = self.out / "last" if self.val_urls else self.out
         self._export(where, None)
-        print(f"pretrain: done at step {self.step}; encoder in {self.out / 'encoder.pt'}"
-              + (f" (best val SSIM {self.best:.4f}), final in {where}" if self.val_urls and self.best else ""),
-              flush=True)
+        if self.rank == 0:
+            print(f"pretrain: done at step {self.step}; encoder in {self.out / 'encoder.pt'}"
+                  + (f" (best val SSIM {self.best:.4f}), final in {where}" if self.val_urls and self.best else ""),
+                  flush=True)
 
     def close(self) -> None:
         self.tracker.finish()
+
+
+def scheduler_config(args) -> dict:
+    """Linear warm-up from 0, then cosine decay to min_lr_ratio of the peak, over --max-steps optimizer steps."""
+    return {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": args.max_steps, "warmup_num_steps": min(args.warmup_steps, args.max_steps),
+        "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": args.min_lr_ratio}}
+
+
+def _all_reduce_stats(acc: torch.Tensor, first_bad: torch.Tensor, out_of_time: bool) -> dict:
+    """One sum and one min over the ranks, at a sync step: the only host reads of the loop."""
+    import torch.distributed as dist
+
+    summed = torch.cat([acc, acc.new_tensor([float(out_of_time)])])
+    low = first_bad.clone()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(summed)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    s = summed.tolist()
+    fb = low.item()
+    return {"loss_sum": s[0], "micro_steps": s[1], "bad": s[2], "out_of_time": s[3],
+            "first_bad_step": int(fb) if math.isfinite(fb) else None}
 
 
 def _f(t) -> float | str:
@@ -604,12 +628,3 @@ def save_grid(path: Path, original, corrupted, restored) -> Path:
     buf = io.BytesIO()
     Image.fromarray((img * 255).round().byte().numpy(), mode="L").save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
-
-
-def _inject_enospc(tag_dir: Path) -> None:
-    """Test hook: behave like a disk that fills up half way through writing a checkpoint."""
-    import errno
-
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 1024)
-    raise OSError(errno.ENOSPC, "No space left on device (injected)", str(tag_dir))

@@ -37,6 +37,28 @@ def _has_wandb_login() -> bool:
         return False
 
 
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def persistent_run_id(out_dir: str | Path) -> str:
+    """The W&B run id of a run folder: made on the first start, reused by every restart (a requeued SLURM
+    job stays one W&B run). Call on rank 0 only."""
+    import uuid
+
+    from runkit.atomic import atomic_write_text
+
+    path = Path(out_dir) / RUN_ID_FILE
+    try:
+        rid = path.read_text().strip()
+        if rid:
+            return rid
+    except OSError:
+        pass
+    rid = uuid.uuid4().hex[:12]
+    atomic_write_text(path, rid + "\n")
+    return rid
+
+
 def _jsonable(v: Any) -> Any:
     if hasattr(v, "item") and callable(v.item):
         try:

@@ -161,6 +161,11 @@ def test_kill_whole_job_at_random_step_and_mid_save_then_resume(tmp_path):
     assert sorted(p.name for p in cdir.iterdir() if p.is_dir()) == [ckpt.tag_for(n_steps - every), ckpt.tag_for(n_steps)]
     assert ckpt.verify(cdir, ckpt.tag_for(n_steps))["world_size"] == 2
     assert json.loads((out / "last" / "encoder.json").read_text())["step"] == n_steps
+    # the shipped CPU config (fp32, ZeRO-0): the resumed state, a falling loss, and the exact export
+    check_resumed_state(dbg, out, resume, world=2, max_steps=n_steps, peak=0.3 * 8 / 256)
+    losses = [row["loss"] for row in read_jsonl(out / "metrics.jsonl") if "loss" in row]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+    check_exact_export(out, ckpt.tag_for(n_steps), zero_stage=0)
 
 
 @pytest.mark.faults_heavy  # two 2-rank launches: 1-2.5 min on 2 shared cores; `make test-faults` runs it
@@ -236,3 +241,118 @@ def test_full_disk_then_nan_then_resume(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "at step 2" in r.stdout
     assert ckpt.latest_complete(out / "checkpoints")[0] == 6
+
+
+# ------------------------------------------------------------------ training state across a resume
+
+def _ds_schedule(n: int, *, max_steps: int, warmup: int, peak: float, min_ratio: float = 0.01) -> list[float]:
+    """The lr of steps 1..n of an uninterrupted run: DeepSpeed's WarmupCosineLR stepped once per step."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = WarmupCosineLR(opt, total_num_steps=max_steps, warmup_num_steps=min(warmup, max_steps),
+                           warmup_type="linear", warmup_min_ratio=0.0, cos_min_ratio=min_ratio)
+    lrs = []
+    for _ in range(n):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    return lrs
+
+
+def _optim_sums(path: Path) -> dict[tuple[str, str], tuple[float, ...]]:
+    """(saved|resumed, tag) -> (sum exp_avg, sum exp_avg_sq, sum step, tensors) from an optim_rank*.txt."""
+    out = {}
+    for line in _lines(path):
+        kind, tag, *vals = line.split()
+        out[(kind, tag)] = tuple(float(v) for v in vals)
+    return out
+
+
+def check_resumed_state(dbg: Path, out: Path, resume: int, *, world: int, max_steps: int, peak: float) -> None:
+    """After a resume at step `resume`: the Adam moments each rank holds equal what it saved in that
+    checkpoint, and every logged lr (before and after the restart) is the uninterrupted schedule's."""
+    tag = ckpt.tag_for(resume)
+    for k in range(world):
+        sums = _optim_sums(dbg / f"optim_rank{k}.txt")
+        saved, resumed = sums[("saved", tag)], sums[("resumed", tag)]
+        assert saved[3] > 0 and saved[1] > 0, saved           # there was Adam state to keep
+        assert resumed == saved, (k, saved, resumed)          # ... and the resumed rank holds exactly it
+    expected = _ds_schedule(max_steps, max_steps=max_steps, warmup=2, peak=peak)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "lr" in r]
+    assert rows and {r["step"] for r in rows} == set(range(1, max_steps + 1))
+    for r in rows:  # first launch, and the resumed one (steps after `resume` are logged by both)
+        assert r["lr"] == pytest.approx(expected[r["step"] - 1], rel=1e-9, abs=1e-12), (r["step"], r["lr"])
+
+
+def check_exact_export(out: Path, tag: str, zero_stage: int) -> None:
+    """RUN/last/encoder.pt is float32 and equals DeepSpeed's own fp32 consolidation of the last checkpoint."""
+    import torch
+
+    enc = torch.load(out / "last" / "encoder.pt", map_location="cpu", weights_only=True)
+    if zero_stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        ref = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag)
+    else:  # ZeRO-0 writes no partitions: its model file holds the fp32 module itself
+        ref = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                         weights_only=False)["module"]
+    params = {k for k, v in enc.items() if v.is_floating_point()}
+    assert params and all(enc[k].dtype == torch.float32 for k in params)
+    compared = [k for k in params if f"encoder.{k}" in ref and ref[f"encoder.{k}"].is_floating_point()]
+    assert len(compared) >= 0.5 * len(params), (len(compared), len(params))
+    worst = max((enc[k] - ref[f"encoder.{k}"].float()).abs().max().item() for k in compared)
+    assert worst <= 1e-6, worst
+
+
+def test_bf16_zero2_two_ranks_kill_resume_exact_export(tmp_path):
+    """The GPU default config (torch_autocast bf16, ZeRO-2) on 2 CPU ranks with a BatchNorm encoder: trains,
+    checkpoints, is killed with kill -9, resumes with its optimizer and lr state, finishes with a falling
+    loss, and exports the fp32 master weights; a resume at another rank count is refused with one line."""
+    max_steps, every = 6, 2
+    shards = make_shards(tmp_path / "shards")
+    out, dbg = tmp_path / "run", tmp_path / "debug"
+    args = base_cmd(shards, out, "--max-steps", str(max_steps), "--checkpoint-every", str(every), "--val-every", "100",
+                    "--deepspeed_config", "launch/configs/ds_zero2_bf16.json", "--encoder", "tu-mobilenetv3_small_050",
+                    "--image-size", "32", "--debug-keys", str(dbg), "--debug-step-sleep", "0.2")
+
+    def launch(**kw):
+        return subprocess.Popen([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args], cwd=REPO,
+                                env=run_env(), text=True, start_new_session=True, **kw)
+
+    log = tmp_path / "first.log"
+    proc = launch(stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: ckpt.verify(out / "checkpoints", ckpt.tag_for(every)) is not None
+                  and max(_steps(dbg / "params_rank0.txt"), default=0) >= every + 1, 300, proc, f"step {every + 1}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        _wait_for(lambda: not _group_alive(proc.pid), 30, what="every process of the killed job to exit")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    resume = ckpt.latest_complete(out / "checkpoints")[0]
+    assert resume in (2, 4), log.read_text()[-3000:]
+    run_id = (out / "wandb_run_id.txt").read_text()
+
+    r = subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args], cwd=REPO,
+                       env=run_env(), check=False, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert f"resumed from {out / 'checkpoints' / ckpt.tag_for(resume)} at step {resume}" in r.stdout
+    assert f"pretrain: done at step {max_steps};" in r.stdout and "bf16 (autocast), ZeRO 2" in r.stdout
+    assert (out / "wandb_run_id.txt").read_text() == run_id  # a restart continues the same W&B run
+    check_resumed_state(dbg, out, resume, world=2, max_steps=max_steps, peak=0.3 * 8 / 256)
+    losses = [row["loss"] for row in read_jsonl(out / "metrics.jsonl") if "loss" in row]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.01, losses
+    check_exact_export(out, ckpt.tag_for(max_steps), zero_stage=2)
+    desc = json.loads((out / "last" / "encoder.json").read_text())
+    assert (desc["precision"], desc["precision_mode"], desc["zero_stage"]) == ("bf16", "autocast", 2)
+
+    # ZeRO-2 partitions were written by 2 ranks: one process must refuse them, in one line, with exit 2
+    r1 = subprocess.run([PY, *args, "--max-steps", str(max_steps + 2)], cwd=REPO, env=run_env(), check=False,
+                        capture_output=True, text=True, timeout=300)
+    assert r1.returncode == 2, r1.stdout[-2000:] + r1.stderr[-2000:]
+    last = r1.stderr.strip().splitlines()[-1]
+    assert last.startswith("pretrain.py: error: checkpoint") and "resume with 2 ranks (this job has 1)" in last
+    assert "Traceback" not in r1.stderr
