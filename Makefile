@@ -13,7 +13,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export RAY_ACCEPT_CLUSTER_SCOPED_CONTEXT ?= 1
 
-.PHONY: venv demo test test-fast test-faults bench lint clean
+.PHONY: venv demo test test-fast test-faults bench gpu-check lint clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ test-faults: $(STAMP)
 
 bench: $(STAMP)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+
+# The GPU path, measured where it runs (one line and exit 0 without CUDA): benchmarks/gpu_check.py
+gpu-check: $(STAMP)
+	$(VPY) benchmarks/gpu_check.py $(ARGS)
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .

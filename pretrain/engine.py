@@ -187,8 +187,19 @@ def distributed():
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
+            _forget_deepspeed_groups()
         os.environ.clear()
         os.environ.update(saved_env)
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals; after the group is destroyed they would point at
+    a dead group, and the next in-process run (a test, a notebook cell) would fail to broadcast with them."""
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -459,6 +470,8 @@ class Trainer:
                        "images_per_s": imgs / max(dt, 1e-9), "samples_seen": self.samples_seen,
                        "effective_batch": self.effective_batch, "gradient_accumulation_steps": self.accum,
                        "epoch": self.samples_seen / args.epoch_size}
+                if self.device.type == "cuda":  # a host-side counter: no device sync
+                    row["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                 row.update(loader.mix_metrics())  # mix/<group>: realised share of each source this epoch (rank 0)
                 self.tracker.log(row, step=self.step)
                 if self.rank == 0:

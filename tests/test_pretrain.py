@@ -260,3 +260,99 @@ def test_two_rank_deepspeed_run(tmp_path):
     assert ckpt.verify(out / "checkpoints", "step_00000010")["world_size"] == 2
     assert "git_sha" in (out / "config.yaml").read_text()
     assert "loss" in r.stdout and "img/s" in r.stdout
+
+
+# ---------------------------------------------------- in-process runs: host syncs, accumulation, time budget
+
+def _inproc_args(tmp_path, shards, *extra):
+    argv = base_cmd(shards, tmp_path / "run", "--encoder", "tu-mobilenetv3_small_050", "--image-size", "32",
+                    "--num-workers", "0", *extra)[1:]  # [1:] drops the script name
+    return parse_layered(build_parser(), argv)
+
+
+@pytest.mark.slow
+def test_loop_reads_the_device_only_at_sync_steps_and_accumulation_logs_effective_batch(tmp_path, monkeypatch):
+    """Gradient accumulation 2 on one process: 12 micro-steps make 6 optimizer steps. The loop's own code
+    (pretrain/engine.py) makes no host read (item, tolist, bool/float/int of a tensor) and no collective
+    except at the sync steps, here the log steps 3 and 6 (6 is also the checkpoint and last step)."""
+    import torch
+    import torch.distributed as dist
+
+    import pretrain.engine as engine_mod
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    shards = make_shards(tmp_path / "shards", n_train_shards=4)
+    ds = tmp_path / "ds_accum.json"
+    ds.write_text(json.dumps({**json.loads((REPO / "launch/configs/ds_cpu.json").read_text()),
+                              "gradient_accumulation_steps": 2}))
+    args = _inproc_args(tmp_path, shards, "--deepspeed_config", str(ds), "--max-steps", "6", "--log-every", "3",
+                        "--checkpoint-every", "6", "--val-every", "100")
+    args.val_shards = None
+    seen: dict = {"trainer": None, "reads": []}
+    this_file = engine_mod.__file__
+
+    orig_train = engine_mod.Trainer.train
+
+    def train(self):
+        seen["trainer"] = self
+        return orig_train(self)
+
+    def spy(name, fn):
+        def wrapped(*a, **kw):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == this_file and seen["trainer"] is not None and caller.co_name != "_export":
+                seen["reads"].append((seen["trainer"].step, name, caller.co_name))
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(engine_mod.Trainer, "train", train)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(dist, "all_reduce", spy("all_reduce", dist.all_reduce))
+    assert engine_mod.run(args) == 0
+
+    steps_read = {step for step, _, _ in seen["reads"]}
+    assert steps_read == {3, 6}, seen["reads"]
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6]
+    # micro-batch 4 x accumulation 2 x 1 rank; the lr is scaled by that effective batch
+    assert all(r["effective_batch"] == 8 and r["gradient_accumulation_steps"] == 2 for r in rows)
+    assert all(r["samples_seen"] == 8 * r["step"] for r in rows)
+    assert rows[0]["peak_lr"] == pytest.approx(0.3 * 8 / 256)
+    assert (tmp_path / "run" / "encoder.pt").is_file()
+    assert json.loads((tmp_path / "run" / "encoder.json").read_text())["samples_seen"] == 48
+
+
+@pytest.mark.slow
+def test_max_minutes_stops_checkpoints_and_exports(tmp_path, monkeypatch, capsys):
+    from pretrain import engine as engine_mod
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    shards = make_shards(tmp_path / "shards", n_train_shards=4)
+    args = _inproc_args(tmp_path, shards, "--max-steps", "1000", "--max-minutes", "0.02", "--debug-step-sleep",
+                        "0.4", "--checkpoint-every", "500", "--val-every", "500")
+    assert engine_mod.run(args) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    last = rows[-1]["step"]
+    assert 1 <= last < 1000
+    assert f"--max-minutes 0.02 spent; stopped at step {last} of 1000" in out
+    assert ckpt.latest_complete(tmp_path / "run" / "checkpoints")[0] == last   # a final checkpoint at the stop
+    assert json.loads((tmp_path / "run" / "last" / "encoder.json").read_text())["step"] == last
+    assert any("val/ssim" in r and r["step"] == last for r in read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: `make gpu-check` measures it instead")
+    r = subprocess.run(["make", "-s", "gpu-check"], cwd=REPO, env=run_env(), check=False, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1].startswith("gpu-check: no CUDA device is visible here"), r.stdout
