@@ -151,3 +151,23 @@ def test_keep_freed_memory_raises_glibc_thresholds_once():
     assert keep_freed_memory() is took                      # applied once per process
     if platform.libc_ver()[0] == "glibc":
         assert took is True
+
+
+@pytest.mark.slow
+def test_restart_reuses_the_run_folders_wandb_run(tmp_path, monkeypatch):
+    """A requeued job is one W&B run: the id is made once per run folder and reused by every restart."""
+    from runkit.tracking import RUN_ID_FILE, Tracker, persistent_run_id
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for _ in range(2):  # first start, then the restart
+        rid = persistent_run_id(tmp_path)
+        ids.append(rid)
+        t = Tracker(tmp_path, config={"a": 1}, mode="offline", resume_id=rid)
+        assert t.wandb_run.id == rid
+        t.log({"loss": 1.0}, step=len(ids))
+        t.finish()
+    assert ids[0] == ids[1] == (tmp_path / RUN_ID_FILE).read_text().strip()
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(ids[0]) for name in runs), runs
