@@ -11,13 +11,11 @@ naming a distribution:
     fail:         {grid: [false, true]}            # every value (random search only; multiplies num_samples)
     epochs: 6                                      # a constant
 
-Keys are checked against the task's options (`DIAGNOSIS_KEYS`, `SEVERITY_KEYS`), so a typo is a
-`UserError` instead of a silently ignored setting. The special key `fail` (false | true | N) makes a trial
-raise after its N-th report (true = the first); it exists to prove that one failing trial does not abort a sweep.
-
 Keys are the tunable fields of the trial's config dataclass (downstream.config: `DiagnosisConfig` for
-diagnosis, `SeverityConfig` for severity) plus `fail` (fault injection). Every constant, every choice/grid
-value and every range bound is validated as that field (type, choices, range), like a flag or YAML value.
+diagnosis, `SeverityConfig` for severity), so a typo is a `UserError` instead of a silently ignored
+setting. Every constant, every choice/grid value and every range bound is validated as that field (type,
+choices, range), like a flag or YAML value. The special key `fail` (false | true | N) makes a trial raise
+after its N-th report (true = the first); it exists to prove that one failing trial does not abort a sweep.
 """
 from __future__ import annotations
 
