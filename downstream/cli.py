@@ -13,7 +13,13 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from downstream.config import CompareConfig, DiagnosisConfig, NIH14Config, SeverityConfig, SeverityProtocolConfig
+from downstream.config import (
+    CompareConfig,
+    DiagnosisConfig,
+    NIH14Config,
+    SeverityConfig,
+    SeverityProtocolConfig,
+)
 from runkit.config import save_resolved
 from runkit.errors import UserError
 from runkit.typed import add_arguments, parse_layered

@@ -8,6 +8,7 @@ a search space may set. A new option is one field here.
 - `SeverityProtocolConfig`: seed 000's table of feature sets x flips x split schemes;
 - `SweepConfig`: a Ray Tune sweep (saved as OUT/sweep.json for --resume).
 """
+# ruff: noqa: RUF009 - `option(...)` returns a dataclasses.field (a fresh list per instance for list defaults)
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -64,7 +64,7 @@ def trial_device(gpus_per_trial: float) -> str:
 
             if ray.get_gpu_ids() and torch.cuda.is_available():
                 return "cuda"
-        except Exception:  # noqa: BLE001 - outside a Ray worker
+        except Exception:  # noqa: BLE001, S110 - outside a Ray worker: CUDA below decides
             pass
         if torch.cuda.is_available():
             return "cuda"

@@ -13,7 +13,14 @@ import torch
 
 from downstream.backbones import Backbone, load_backbone
 from downstream.config import DiagnosisConfig
-from downstream.data import DIAGNOSIS_CLASSES, ImageSet, ShardIndex, diagnosis_target, load_shards, split_indices
+from downstream.data import (
+    DIAGNOSIS_CLASSES,
+    ImageSet,
+    ShardIndex,
+    diagnosis_target,
+    load_shards,
+    split_indices,
+)
 from downstream.device import parse_device
 from downstream.finetune import Classifier, fit, predict_with_targets, resolve
 from downstream.metrics import classification_metrics

@@ -40,7 +40,13 @@ def run_severity_protocol(config, *, data=None, backbone=None, log=print) -> dic
     """Seed 000's table; returns {"schemes", "variants", "rows", "baseline", "n", ...}."""
     from downstream.backbones import load_backbone, select_pathologies
     from downstream.device import parse_device
-    from downstream.severity import FLIPS, extract_features, fit_severity_head, load_severity_data, repeated_splits
+    from downstream.severity import (
+        FLIPS,
+        extract_features,
+        fit_severity_head,
+        load_severity_data,
+        repeated_splits,
+    )
 
     cfg = (config if isinstance(config, SeverityProtocolConfig)
            else SeverityProtocolConfig.from_dict(config, "severity-protocol config")).to_dict()
@@ -83,7 +89,7 @@ def run_severity_protocol(config, *, data=None, backbone=None, log=print) -> dic
             log("  " + label + ": " + "; ".join(
                 f"{sc} " + ", ".join(f"{t} {v['mean']:.3f}" for t, v in m.items()) for sc, m in row["schemes"].items()))
     return {"task": "severity-protocol", "backbone": cfg["backbone"], "device": str(device), "n": len(data),
-            "patients": int(len(np.unique(groups))), "outputs": list(names), "schemes": list(schemes),
+            "patients": len(np.unique(groups)), "outputs": list(names), "schemes": list(schemes),
             "targets": cfg["targets"], "regressor": cfg["regressor"], "rows": rows, "baseline": baseline,
             "config": {**cfg, "device": str(device)}}
 
@@ -97,8 +103,9 @@ def severity_protocol_table(result: dict) -> str:
     for row in result["rows"]:
         lines.append(f"| {row['variant']} | " + " | ".join(fmt_mean_sd(row["schemes"][sc][t]) for sc, t in cols) + " |")
     lines.append("| mean predictor | " + " | ".join(fmt_mean_sd(result["baseline"][sc][t]) for sc, t in cols) + " |")
-    lines += ["", f"{result['n']} scored images of {result['patients']} patients; regressor {result['regressor']}; "
-                  "every split is patient-grouped and shared by all rows.", "",
+    summary = (f"{result['n']} scored images of {result['patients']} patients; regressor {result['regressor']}; "
+               "every split is patient-grouped and shared by all rows.")
+    lines += ["", summary, "",
               "Seed 000 reported (8:2, test MSE geographic / opacity): "
               + "; ".join(f"{k} {g:.3f} / {o:.3f}" for k, (g, o) in SEED000_PAPER.items()) + "."]
     return "\n".join(lines)

@@ -35,8 +35,26 @@ from downstream.trials import (
     severity_trainable,
 )
 
-__all__ = ["TASKS", "METRIC", "SweepConfig", "SweepSettings", "SweepContext", "_tune_config", "absolute_backbone",
-           "build_trainable", "evaluate_best", "fit_space_to_backbone", "init_ray", "run_sweep",
-           "compute_severity_features", "diagnosis_trainable", "feature_backbone", "features_as_images",
-           "resolve_severity_trial", "seeded_backbone", "severity_fold_metrics", "severity_folds",
-           "severity_trainable"]
+__all__ = [
+    "METRIC",
+    "TASKS",
+    "SweepConfig",
+    "SweepContext",
+    "SweepSettings",
+    "_tune_config",
+    "absolute_backbone",
+    "build_trainable",
+    "compute_severity_features",
+    "diagnosis_trainable",
+    "evaluate_best",
+    "feature_backbone",
+    "features_as_images",
+    "fit_space_to_backbone",
+    "init_ray",
+    "resolve_severity_trial",
+    "run_sweep",
+    "seeded_backbone",
+    "severity_fold_metrics",
+    "severity_folds",
+    "severity_trainable",
+]

@@ -78,7 +78,7 @@ def _scalar(kind, value, name: str):
             return value
         raise ValueError(f"{name} must be true or false, got {value!r}")
     if kind is int:
-        if isinstance(value, bool) or isinstance(value, (list, dict)):
+        if isinstance(value, (bool, list, dict)):
             raise ValueError(f"{name} must be an integer, got {value!r}")
         if isinstance(value, int):
             return value
@@ -87,14 +87,14 @@ def _scalar(kind, value, name: str):
         except ValueError:
             raise ValueError(f"{name} must be an integer, got {value!r}") from None
     if kind is float:
-        if isinstance(value, bool) or isinstance(value, (list, dict)):
+        if isinstance(value, (bool, list, dict)):
             raise ValueError(f"{name} must be a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number, got {value!r}") from None
     if kind is str:
-        if isinstance(value, bool) or isinstance(value, (list, dict)) or value is None:
+        if isinstance(value, (bool, list, dict)) or value is None:
             raise ValueError(f"{name} must be a string, got {value!r}")
         return str(value)
     return value
@@ -254,7 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: Sequence[str] =
         if not f.metadata.get("cli", True) or f.name in skip:
             continue
         tp = hints[f.name]
-        kind, optional, is_list = _split_type(tp)
+        kind, _, is_list = _split_type(tp)
         default = defaults.get(f.name, f.default if f.default is not _MISSING else
                                (f.default_factory() if f.default_factory is not _MISSING else None))
         flag = "--" + f.name.replace("_", "-")
@@ -292,10 +292,8 @@ def _action_value(action: argparse.Action, value: Any, key: str) -> Any:
         return coerce(action.type.f, action.type.tp, value)
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        if isinstance(action, argparse._StoreFalseAction):
-            return value  # the YAML states the value of the dest directly
-        return value
+            raise ValueError(f"{key} must be true or false, got {value!r}")  # noqa: TRY004 - becomes a UserError
+        return value  # the YAML states the value of the dest directly (store_false too)
     if isinstance(action, (argparse._StoreConstAction, argparse._CountAction, argparse._AppendAction)):
         return value
     many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)

@@ -9,7 +9,14 @@ import numpy as np
 import torch
 from fixtures_downstream import nih_shards, phantom_shards
 
-from downstream.data import KeySelect, diagnosis_target, findings_target, load_shards, scan_index, split_indices
+from downstream.data import (
+    KeySelect,
+    diagnosis_target,
+    findings_target,
+    load_shards,
+    scan_index,
+    split_indices,
+)
 from downstream.streaming import StreamedSet
 
 

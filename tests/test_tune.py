@@ -249,7 +249,8 @@ severity: 2 folds, 50 MLP iterations); everything else is the shipped space."""
             ["--set", "folds=2", "--set", "max_iter=50"]
         assert main(argv) == 0
         captured = capsys.readouterr()
-        rows = list(csv.DictReader(open(out / "results.csv", newline="")))
+        with open(out / "results.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
         best = json.loads((out / "best.json").read_text())
         assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows), rows
         assert best["test"], best
