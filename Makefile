@@ -9,6 +9,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 ARGS ?=
 
+# as an activated venv: its tools (ninja for DeepSpeed's JIT-built CPU ops, deepspeed) come first
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export RAY_ACCEPT_CLUSTER_SCOPED_CONTEXT ?= 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The venv's bin first, as an activated venv (and launch/configs/pretrain.slurm) has it: DeepSpeed's CPU
+# ops are JIT-built with whichever `ninja` is first on PATH, and the venv's ninja (1.13) and the system's
+# (1.11) write incompatible build logs, so mixing them rebuilds the op (40-300 s) at every switch.
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="session")
