@@ -166,3 +166,13 @@ def test_real_cli_bad_yaml_exit_code(tmp_path, repo_root):
                            "--out", str(tmp_path / "o")], cwd=repo_root, capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_tune_config_yaml_sets_sweep_fields(tmp_path):
+    from runkit.typed import parse_layered
+
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("num_samples: 3\nscheduler: fifo\ngpus_per_trial: 0.5\nshards: [a, b]\n")
+    ns = parse_layered(_tune_parser(), ["severity", "--config", str(cfg), "--out", "o", "--num-samples", "5"])
+    s = SweepConfig.from_dict({k: v for k, v in vars(ns).items() if k in SweepConfig.field_map()}, "tune")
+    assert (s.num_samples, s.scheduler, s.gpus_per_trial, s.shards, s.task) == (5, "fifo", 0.5, ["a", "b"], "severity")
