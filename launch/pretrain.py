@@ -17,8 +17,8 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from pretrain.engine import build_parser, run
-from runkit.config import parse_layered
 from runkit.errors import exit_on_user_error
+from runkit.typed import parse_layered
 
 
 @exit_on_user_error

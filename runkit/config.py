@@ -1,10 +1,13 @@
-"""Defaults in code, then a YAML `--config`, then CLI flags; the resolved config is saved with the git SHA."""
+"""YAML loading, secret scrubbing and the resolved config saved with the git SHA.
+
+The layering itself (defaults, then a YAML `--config`, then flags, with YAML values validated like flags)
+is `runkit.typed.parse_layered`.
+"""
 from __future__ import annotations
 
 import argparse
 import re
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +17,6 @@ from runkit.atomic import atomic_write_text
 from runkit.errors import UserError
 
 _SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
-
-
-def parse_layered(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse `argv` with the values of `--config FILE.yaml` as defaults, so explicit flags still win.
-
-    The parser must define `--config`. YAML keys use the flag names with '_' or '-'. An unknown key is a
-    UserError rather than a silently ignored typo.
-    """
-    pre, _ = parser.parse_known_args(argv)
-    cfg_path = getattr(pre, "config", None)
-    if cfg_path:
-        values = load_yaml(cfg_path)
-        known = {a.dest for a in parser._actions}
-        fixed = {}
-        for k, v in values.items():
-            dest = str(k).replace("-", "_")
-            if dest not in known:
-                raise UserError(f"{cfg_path}: unknown key {k!r} (known: {', '.join(sorted(known - {'help'}))})")
-            fixed[dest] = v
-        parser.set_defaults(**fixed)
-    return parser.parse_args(argv)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

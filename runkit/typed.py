@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -276,6 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: Sequence[str] =
 def _action_value(action: argparse.Action, value: Any, key: str) -> Any:
     """A YAML value through an argparse action, as if it had been typed on the command line."""
     def convert(v):
+        if action.type is json.loads:  # a JSON flag (e.g. pretrain's --genesis): YAML gives the parsed value
+            return json.loads(v) if isinstance(v, str) else v
         if action.type is None:
             if isinstance(v, (bool, list, dict)) or v is None:
                 raise ValueError(f"{key} must be a string, got {v!r}")

@@ -18,9 +18,9 @@ import pytest
 
 from pretrain import checkpoint as ckpt
 from pretrain.engine import build_parser, check_args, load_ds_config
-from runkit.config import parse_layered
 from runkit.errors import UserError
 from runkit.tracking import read_jsonl
+from runkit.typed import parse_layered
 
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
@@ -108,6 +108,12 @@ def test_bad_user_input_is_user_error(tmp_path):
     typo.write_text("encodr: resnet18\n")
     with pytest.raises(UserError, match="unknown key 'encodr'"):
         _args("--config", str(typo))
+    for text, what in (("wandb_mode: bogus\n", "wandb_mode"), ("image_size: big\n", "image_size"),
+                       ("max-steps: 1.5\n", "max-steps")):  # YAML values are checked like the flags
+        bad = tmp_path / "bad_value.yaml"
+        bad.write_text(text)
+        with pytest.raises(UserError, match=what):
+            _args("--config", str(bad))
 
 
 def test_yaml_then_cli_layering(tmp_path):

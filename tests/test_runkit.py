@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from runkit.atomic import atomic_write_bytes, atomic_write_json
-from runkit.config import parse_layered, save_resolved, scrub_secrets
+from runkit.config import save_resolved, scrub_secrets
 from runkit.errors import UserError, exit_on_user_error
 from runkit.tracking import Tracker, default_wandb_mode, read_jsonl
+from runkit.typed import parse_layered
 
 REPO = Path(__file__).resolve().parents[1]
 
