@@ -98,7 +98,7 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
 class MixtureUrls(list):
     """The shards of a mixture, all groups together, with the groups themselves in `.groups`."""
 
-    def __init__(self, urls: Iterable[str], groups: list["MixGroup"]):
+    def __init__(self, urls: Iterable[str], groups: list[MixGroup]):
         super().__init__(urls)
         self.groups = groups
 
@@ -106,7 +106,7 @@ class MixtureUrls(list):
         return MixtureUrls, (list(self), self.groups)
 
 
-_GROUP_RE = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)=(?P<weight>[^:]*):(?P<spec>.*)$", re.S)
+_GROUP_RE = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)=(?P<weight>[^:]*):(?P<spec>.*)$", re.DOTALL)
 
 
 @dataclass(frozen=True)

@@ -149,11 +149,12 @@ def _with_transfer_syntax(data: bytes, uid: str) -> bytes:
 
 def test_16_bit_shards_round_trip_through_the_stream(tmp_path):
     """--bit-depth 16: 16-bit PNGs in the shards, decoded to uint16 and scaled by 65535 by the reader."""
+    import tarfile
+
+    from shards.sources import get_source
     from shards.stream import decode_png, make_loader
     from shards.synth_sources import synth_vindr
     from shards.writer import build
-    from shards.sources import get_source
-    import tarfile
 
     src = synth_vindr(tmp_path / "vindr", 6, size=64, seed=1)
     outs = {}

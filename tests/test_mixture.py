@@ -147,7 +147,7 @@ def test_equal_batches_per_rank_under_the_deepspeed_launcher(groups, tmp_path):
            "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", env["MASTER_PORT"],
                            str(REPO / "tests" / "mixture_ranks.py"), "--spec", spec(groups, {"a": 0.7, "c": 0.3}),
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["world"] == 2 and res["ranks"] == [[60, 4, 4], [60, 4, 4]]

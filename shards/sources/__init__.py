@@ -352,7 +352,7 @@ def is_frontal(view: str) -> bool:
     return " ".join(view.upper().replace("-", " ").split()) in FRONTAL_POSITIONS
 
 
-def keep_view(view: str, opts: "ScanOptions") -> bool:
+def keep_view(view: str, opts: ScanOptions) -> bool:
     return opts.views == "all" or is_frontal(view)
 
 
@@ -414,5 +414,5 @@ def chexpert_style_labels(row: dict[str, str], policy: str) -> tuple[dict | None
     return labels, findings, diagnosis, None
 
 
-def options_of(opts: "ScanOptions | None") -> "ScanOptions":
+def options_of(opts: ScanOptions | None) -> ScanOptions:
     return opts if opts is not None else ScanOptions()

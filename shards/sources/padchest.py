@@ -19,6 +19,7 @@ folder number, 0..54 in the full release). The first CSV column is an unnamed ro
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def parse_window(center: str | None, width: str | None) -> list[float] | None:
         except ValueError:
             return None
     c, w = first(center), first(width)
-    if c is None or w is None or not w > 0 or c != c:
+    if c is None or w is None or not w > 0 or math.isnan(c):
         return None
     return [c, w]
 
@@ -120,8 +121,7 @@ def _iter(src: Path, rows, opts) -> Iterator[RawItem | Skipped]:
         if not keep_view(row["Projection"], opts):
             continue
         folder = row["ImageDir"].strip()
-        if folder.endswith(".0"):
-            folder = folder[:-2]
+        folder = folder.removesuffix(".0")
         if not safe_file_name(row["ImageID"]) or not safe_file_name(folder):
             skipped.append(Skipped(name, "unsafe file name"))
             continue
