@@ -126,6 +126,8 @@ def recalibrate_bn(model: Classifier, images, batches: int, batch_size: int) -> 
     for i, (x, _, _) in enumerate(_image_batches(images, batch_size, device)):
         if i >= batches:
             break
+        if len(x) < 2:  # a last batch of one image: train-mode BatchNorm cannot use it (1x1 maps)
+            continue
         with autocast(device):
             model.backbone(x)
     for m, momentum, training in saved:

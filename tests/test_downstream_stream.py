@@ -73,3 +73,17 @@ def test_diagnosis_can_stream_and_then_weights_replace_the_sampler(tmp_path_fact
     assert len(files["scorecam"]) == 3
     index = scan_index(shards, diagnosis_target)
     assert len(res["data"]) == len(index)
+
+
+def test_bn_recalibration_skips_a_last_batch_of_one():
+    """32 px through a ResNet-18 ends in 1x1 maps: a batch of one image cannot feed train-mode BatchNorm."""
+    from downstream.backbones import load_backbone
+    from downstream.finetune import Classifier, configure_trainable, recalibrate_bn, resolve
+
+    torch.manual_seed(0)
+    model = Classifier(load_backbone("scratch:resnet18", image_size=32), 3)
+    configure_trainable(model, resolve({"mode": "full"}))
+    images = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8)
+    recalibrate_bn(model, images, batches=4, batch_size=4)  # batches of 4 and 1
+    bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert int(bn.num_batches_tracked) == 1
