@@ -362,3 +362,34 @@ def test_gpu_check_without_cuda_says_so_and_exits_0():
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[-1].startswith("gpu-check: no CUDA device is visible here"), r.stdout
+
+
+def test_precision_is_read_once_from_the_deepspeed_json():
+    import torch
+
+    from pretrain.precision import prepare_ds_config, resolve
+
+    cpu = torch.device("cpu")
+    shipped = {name: json.loads((REPO / "launch/configs" / name).read_text()) for name in
+               ("ds_cpu.json", "ds_zero2_bf16.json", "ds_zero1_fp16.json")}
+    p = resolve(shipped["ds_zero2_bf16.json"], cpu)
+    assert (p.name, p.how, p.zero_stage, p.input_dtype) == ("bf16", "autocast", 2, torch.float32)
+    assert prepare_ds_config(shipped["ds_zero2_bf16.json"], p).get("data_types") is None  # weights stay fp32
+    p = resolve(shipped["ds_cpu.json"], cpu)
+    assert (p.name, p.how, p.zero_stage) == ("fp32", "fp32", 0)
+    whole = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}
+    p = resolve(whole, cpu)
+    assert (p.how, p.input_dtype) == ("deepspeed", torch.bfloat16)
+    assert prepare_ds_config(whole, p)["data_types"]["buffer_dtype"] == "bf16"  # BatchNorm buffers follow
+    assert prepare_ds_config({**whole, "data_types": {"buffer_dtype": "fp32"}}, p)["data_types"]["buffer_dtype"] == "fp32"
+    for bad, why in (({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
+                     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both bf16 and fp16"),
+                     ({"torch_autocast": {"enabled": True}, "bf16": {"enabled": True}}, "choose one"),
+                     ({"torch_autocast": {"enabled": True, "dtype": "float16"}, "zero_optimization": {"stage": 2}},
+                      "loss scaler")):
+        with pytest.raises(UserError, match=why):
+            resolve(bad, torch.device("cuda", 0))
+    if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        with pytest.raises(UserError, match="fp16 needs a GPU"):
+            resolve(shipped["ds_zero1_fp16.json"], cpu)
+    assert resolve(shipped["ds_zero1_fp16.json"], torch.device("cuda", 0)).how == "deepspeed"
