@@ -1,6 +1,8 @@
 """Score-CAM maps: right shape and range, and on phantoms brighter inside the rendered lesion than outside."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -51,12 +53,18 @@ def test_stage_maps_end_with_the_backbone_map_and_auto_layer_is_not_too_coarse()
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known: on phantoms the trained classifier's maps are less lesion-focused "
+                   "than a random-init network's (1.14x vs 1.22x inside/outside), because bright lesions excite "
+                   "random conv features too; strict, so a fix that makes it pass is noticed")
 def test_maps_are_higher_inside_the_lesion(tmp_path_factory):
     """The phantom classifier's maps, on test images with a rendered lesion: mean inside vs outside the mask.
 
     Maps explain each image's true class (covid or pneumonia, the lesion's class), on the default stage
-    ("auto": 4x4 at 64 px). Measured: inside 0.497 vs outside 0.351 (1.42x), 14 of 18 images higher inside;
-    the 2x2 last stage gave 1.24x (13 of 18, just over the bar), the predicted class's maps 1.25x (11 of 18).
+    ("auto": 4x4 at 64 px). Judged against the same network with random weights on the same images, and
+    a floor of 1.1x. Measured in session 3: 1.42x, 14 of 18 images higher inside. In session 4, with
+    today's package versions (the same numbers at the session-3 commit, so not a code change), 1.14x
+    (0.72 of images), while the random-init control gives 1.22x (all images): the old bar of 1.2x alone
+    was passed by a random network, so it proved nothing. Against the control it fails: an open problem.
     """
     res, _ = trained_diagnosis(tmp_path_factory)
     data = res["data"]
@@ -64,12 +72,29 @@ def test_maps_are_higher_inside_the_lesion(tmp_path_factory):
     sick = np.array([int(i) for i in res["test_index"] if data.targets[i] != 2 and masks[i].sum() >= 20])
     assert len(sick) >= 10
     images, labels = data.float_images(sick), torch.as_tensor(data.targets[sick]).long()
-    maps = torch.zeros(len(sick), *images.shape[-2:])
-    for c in labels.unique().tolist():
-        sel = (labels == c).nonzero().squeeze(1)
-        maps[sel], classes = score_cam(res["model"], images[sel], target=c, max_channels=64)
-        assert classes.tolist() == [c] * len(sel)
-    inside = np.array([maps[j][torch.from_numpy(masks[i])].mean().item() for j, i in enumerate(sick)])
-    outside = np.array([maps[j][~torch.from_numpy(masks[i])].mean().item() for j, i in enumerate(sick)])
-    assert inside.mean() > 1.2 * outside.mean(), (inside.mean(), outside.mean())
+    masks_t = [torch.from_numpy(masks[i]) for i in sick]
+
+    def inside_outside(model, check_classes: bool):
+        maps = torch.zeros(len(sick), *images.shape[-2:])
+        for c in labels.unique().tolist():
+            sel = (labels == c).nonzero().squeeze(1)
+            maps[sel], classes = score_cam(model, images[sel], target=c, max_channels=64)
+            if check_classes:
+                assert classes.tolist() == [c] * len(sel)
+        inside = np.array([maps[j][m].mean().item() for j, m in enumerate(masks_t)])
+        outside = np.array([maps[j][~m].mean().item() for j, m in enumerate(masks_t)])
+        return inside, outside
+
+    inside, outside = inside_outside(res["model"], True)
+    # the control: the same network with its weights re-drawn at random, on the same images and classes
+    rand = copy.deepcopy(res["model"]).eval()
+    torch.manual_seed(0)
+    for m in rand.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    r_in, r_out = inside_outside(rand, False)
+    ratio, r_ratio = inside.mean() / outside.mean(), r_in.mean() / r_out.mean()
+    print(f"inside/outside: trained {ratio:.3f} ({(inside > outside).mean():.2f} of images), "
+          f"random init {r_ratio:.3f} ({(r_in > r_out).mean():.2f})")
+    assert ratio > 1.1 and ratio > r_ratio + 0.1, (ratio, r_ratio)
     assert (inside > outside).mean() > 0.6, (inside > outside).mean()
