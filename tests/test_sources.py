@@ -204,7 +204,7 @@ def test_nih_user_errors(tmp_path):
 # ----------------------------------------------------------------------------- NIH (phantoms)
 
 def test_nih_phantoms_in_every_layout(tmp_path):
-    synth = pytest.importorskip("shards.synth")
+    from shards import synth
     src = tmp_path / "flat"
     synth.synth_nih(src, 24, size=64, seed=3)
     items, skipped = scan("nih", src)
@@ -339,7 +339,7 @@ def test_covid_chestxray_required_columns(tmp_path):
 
 
 def test_covid_chestxray_phantoms(tmp_path):
-    synth = pytest.importorskip("shards.synth")
+    from shards import synth
     src = tmp_path / "covid-chestxray"
     synth.synth_covid(src, 30, size=64, seed=1)
     items, skipped = scan("covid-chestxray", src)
