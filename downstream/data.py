@@ -150,7 +150,7 @@ def scan_index(spec, select: Callable[[dict], object], *, desc: str = "indexing 
 
     from tqdm import tqdm
 
-    urls = _urls(spec)
+    urls = shard_urls(spec)
     keys, targets, records = [], [], []
     for url in tqdm(urls, desc=desc, unit="shard", leave=False):
         try:
@@ -194,7 +194,7 @@ def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
-def _urls(spec) -> list[str]:
+def shard_urls(spec) -> list[str]:
     from shards.stream import expand_urls
 
     parts = spec if isinstance(spec, (list, tuple)) else [spec]
@@ -222,7 +222,7 @@ def load_shards(spec, select: Callable[[dict], object], *, image_size: int, batc
 
     from shards.stream import make_loader
 
-    urls = _urls(spec)
+    urls = shard_urls(spec)
     if keys is not None:
         select = KeySelect(select, keys)
     loader = make_loader(urls, mode="eval", batch_size=batch_size, select=select, image_size=image_size,

@@ -29,6 +29,7 @@ from runkit.errors import UserError
 
 DEFAULT_DS_CONFIG = "launch/configs/ds_cpu.json"
 VAL_SEED = 20240601
+MEAN_IMAGE_SAMPLES = 256  # training images averaged for the mean-image validation baseline
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val-every", type=int, default=500)
     a("--val-max-samples", type=int, default=None, help="cap on validation samples per evaluation")
     a("--log-every", type=int, default=10)
+    a("--probe-shards", default=None,
+      help="labelled shards (diagnosis, NIH findings and/or severity) for online probes of the frozen encoder: "
+           "at step 0 (the random-init reference) and every --probe-every steps; see pretrain/probes.py")
+    a("--probe-every", type=int, default=500)
+    a("--probe-max-samples", type=int, default=1000, help="probe images kept (whole patients, a seeded draw)")
+    a("--probe-folds", type=int, default=5, help="patient-grouped cross-validation folds of the probes")
+    a("--collapse-ratio", type=float, default=0.05,
+      help="warn when restorations vary across a batch less than this fraction of the originals (pretrain/validation.py)")
     a("--seed", type=int, default=0)
     a("--num-workers", type=int, default=2)
     a("--shuffle-buffer", type=int, default=1000)
@@ -87,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--debug-enospc-at-step", type=int, default=None, help=argparse.SUPPRESS)
     a("--debug-step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
     a("--debug-ckpt-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # see pretrain.hooks
+    a("--debug-collapse-at-step", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -99,11 +109,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')} is required")
     if args.image_size <= 0 or args.image_size % 32:
         raise UserError(f"--image-size {args.image_size} must be a positive multiple of 32 (the U-Net downsamples 5 times)")
-    for flag in ("max_steps", "epoch_size", "checkpoint_every", "keep_last", "val_every", "log_every"):
+    for flag in ("max_steps", "epoch_size", "checkpoint_every", "keep_last", "val_every", "log_every",
+                 "probe_every", "probe_max_samples"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.probe_folds < 2:
+        raise UserError(f"--probe-folds must be at least 2, got {args.probe_folds}")
     if args.genesis is not None and not isinstance(args.genesis, dict):
         raise UserError("--genesis must be a mapping of transform settings")
     make_corruptor(args.genesis)
@@ -253,6 +266,10 @@ def run(args: argparse.Namespace) -> int:
 
     train_urls = expand_urls(args.train_shards)
     val_urls = expand_urls(args.val_shards) if args.val_shards else []
+    if args.probe_shards:
+        from downstream.data import shard_urls
+
+        shard_urls(args.probe_shards)  # folders too, as downstream jobs take; a bad spec fails before any process group
     with distributed() as (rank, world, local_rank):
         ds_config = load_ds_config(args.deepspeed_config, micro_batch=args.batch_size, world_size=world)
         trainer = Trainer(args, ds_config, train_urls, val_urls, rank, world, local_rank)
@@ -274,6 +291,7 @@ class Trainer:
         from pretrain.loss import RestorationLoss
         from pretrain.model import build_unet
         from pretrain.precision import prepare_ds_config, resolve
+        from pretrain.validation import CollapseCheck
         from runkit.config import save_resolved
         from runkit.tracking import Tracker, persistent_run_id
 
@@ -327,6 +345,16 @@ class Trainer:
                                enabled=rank == 0, project=args.wandb_project, group=args.wandb_group,
                                name=args.wandb_name, mode=args.wandb_mode, job_type="pretrain",
                                resume_id=persistent_run_id(self.out) if rank == 0 else None)
+        self.collapse = CollapseCheck(args.max_steps, ratio=args.collapse_ratio)
+        self._mean_image = None
+        self.probing = bool(args.probe_shards)
+        self.probe = None
+        if self.probing and rank == 0:
+            from pretrain.probes import OnlineProbe
+
+            self.probe = OnlineProbe(args.probe_shards, every=args.probe_every, image_size=args.image_size,
+                                     max_samples=args.probe_max_samples, folds=args.probe_folds, seed=args.seed,
+                                     out_dir=self.out)
         self.hooks.on_start(self)
 
     # -------------------------------------------------------------------------------- checkpoints
@@ -409,7 +437,7 @@ class Trainer:
         """Steps at which the host reads the device: logging, validation, checkpoints and the last step."""
         a, s = self.args, self.step
         return (last or s % a.log_every == 0 or s % a.checkpoint_every == 0
-                or bool(self.val_urls and s % a.val_every == 0))
+                or bool(self.val_urls and s % a.val_every == 0) or bool(self.probing and s % a.probe_every == 0))
 
     def train(self) -> None:
         """The loop reads nothing back from the device between sync steps (`_sync_due`): the loss, the count
@@ -427,6 +455,9 @@ class Trainer:
         t0, imgs, t_start = time.perf_counter(), 0, time.perf_counter()
         in_dtype = self.precision.input_dtype
         self.out_of_time = False
+        self._t_train, self._t_probes = time.perf_counter(), 0.0
+        if self.probing and self.step == 0:
+            self._probe()  # the random-init reference
         self.engine.train()
         while self.step < args.max_steps and not self.out_of_time:
             n_batches = 0
@@ -484,6 +515,9 @@ class Trainer:
                 if self.val_urls and (self.step % args.val_every == 0 or last):
                     self.validate()
                     self.engine.train()
+                if self.probing and (self.step % args.probe_every == 0 or last):
+                    self._probe()
+                    self.engine.train()
                 if self.step % args.checkpoint_every == 0 or last:
                     self.save_checkpoint()
                 if last:
@@ -492,6 +526,10 @@ class Trainer:
                 raise UserError(f"the training shards gave no batch of {self.micro} per rank "
                                 f"(--epoch-size {args.epoch_size}, {self.world} ranks)")
         bar.close()
+        if self.probe is not None and self.probe.count:
+            spent = time.perf_counter() - self._t_train - self._t_probes
+            print(f"pretrain: probes: {self.probe.count} run(s), {self.probe.seconds:.1f} s in all, "
+                  f"{100 * self.probe.seconds / max(spent, 1e-9):.1f} % of the {spent:.1f} s of training", flush=True)
         if self.out_of_time and self.rank == 0:
             print(f"pretrain: --max-minutes {args.max_minutes:g} spent; stopped at step {self.step} "
                   f"of {args.max_steps}", flush=True)
@@ -521,15 +559,18 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        from pretrain.loss import psnr_per_sample, ssim_per_sample
+        """Restoration SSIM/PSNR beside the identity, blur and mean-image baselines, and the collapse check
+        (pretrain/validation.py); the same corruption at every evaluation."""
+        from pretrain.validation import RestorationStats
         from shards.stream import make_loader
 
+        mean_image = self._mean_train_image()
         self.engine.eval()
         loader = make_loader(self.val_urls, mode="eval", batch_size=self.micro, image_size=self.args.image_size,
                              num_workers=min(self.args.num_workers, 1), rank=self.rank, world_size=self.world)
         cap = self.args.val_max_samples
         cap_rank = None if cap is None else -(-cap // self.world)
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # ssim/psnr restored/identity, count
+        stats = RestorationStats(self.device)
         grid = None
         seen = 0
         for i, batch in enumerate(loader):
@@ -543,24 +584,27 @@ class Trainer:
             gen.manual_seed(VAL_SEED + 1000 * self.rank + i)  # same corruption at every evaluation
             corrupted, target = self.corrupt(x, gen)
             restored = self.engine(corrupted.to(self.precision.input_dtype)).float()  # the engine's autocast
-            s_r, s_c = ssim_per_sample(restored, target), ssim_per_sample(corrupted, target)
-            p_r, p_c = psnr_per_sample(restored, target), psnr_per_sample(corrupted, target)
-            sums += torch.stack([v.double().sum() for v in (s_r, s_c, p_r, p_c)] + [sums.new_tensor(x.shape[0])])
+            stats.add(restored, corrupted, target, mean_image)
             if grid is None and self.rank == 0:
                 grid = (target[:8].cpu(), corrupted[:8].float().cpu(), restored[:8].cpu())
-        total = _all_sum(sums.tolist(), self.device)
-        n = max(total[4], 1.0)
-        metrics = {"val/ssim": total[0] / n, "val/ssim_identity": total[1] / n, "val/psnr": total[2] / n,
-                   "val/psnr_identity": total[3] / n, "val/count": int(total[4])}
-        improved = total[4] > 0 and (self.best is None or metrics["val/ssim"] > self.best)
+        metrics = stats.reduce(_all_sum)
+        improved = metrics["val/count"] > 0 and (self.best is None or metrics["val/ssim"] > self.best)
         if improved:
             self.best = metrics["val/ssim"]
         metrics["val/best_ssim"] = self.best
+        warning = self.collapse.check(self.step, metrics)  # the same numbers on every rank
+        if warning:
+            metrics["val/collapse_warning"] = 1
         if self.rank == 0:
             self.tracker.log(metrics, step=self.step)
             print(f"val step {self.step}: restored SSIM {metrics['val/ssim']:.4f} PSNR {metrics['val/psnr']:.2f} | "
-                  f"identity SSIM {metrics['val/ssim_identity']:.4f} PSNR {metrics['val/psnr_identity']:.2f} "
+                  f"identity {metrics['val/ssim_identity']:.4f}, blur (sigma {metrics['val/blur_sigma']:g}) "
+                  f"{metrics['val/ssim_blur']:.4f}, mean image {metrics['val/ssim_mean_image']:.4f} | margin "
+                  f"{metrics['val/ssim_margin']:+.4f}, spread ratio {metrics['val/spread_ratio']:.3f} "
                   f"(n={metrics['val/count']})", flush=True)
+            if warning:
+                print(f"pretrain: warning: {warning}", file=sys.stderr, flush=True)
+                self.tracker.summary({"collapse_warning": warning, "collapse_step": self.step})
             if grid is not None:
                 path = save_grid(self.out / "samples" / f"step_{self.step:08d}.png", *grid)
                 self.tracker.log_image("val/reconstructions", path, step=self.step,
@@ -568,6 +612,67 @@ class Trainer:
         if improved:
             self._export(self.out, metrics)  # collective: every rank takes part in gathering the fp32 weights
         return metrics
+
+    def _mean_train_image(self) -> torch.Tensor:
+        """The mean of the first MEAN_IMAGE_SAMPLES training images (over the ranks), once per process: the
+        flat answer a collapsed model gives, as a validation baseline."""
+        import torch.distributed as dist
+
+        from shards.stream import make_loader
+
+        if self._mean_image is None:
+            size = self.args.image_size
+            acc = torch.zeros(1 + size * size, dtype=torch.float64, device=self.device)  # count, pixel sums
+            loader = make_loader(self.train_urls, mode="eval", batch_size=self.micro, image_size=size,
+                                 num_workers=min(self.args.num_workers, 1), rank=self.rank, world_size=self.world)
+            for batch in loader:
+                x = batch["image"].to(self.device).double().reshape(-1, size * size)
+                acc[0] += x.shape[0]
+                acc[1:] += x.sum(0)
+                if acc[0] * self.world >= MEAN_IMAGE_SAMPLES:
+                    break
+            if self.world > 1:
+                dist.all_reduce(acc)
+            self._mean_image = (acc[1:] / acc[0].clamp(min=1)).float().reshape(1, 1, size, size)
+        return self._mean_image
+
+    # ------------------------------------------------------------------------------------- probes
+
+    def _probe(self) -> None:
+        """Rank 0 probes the frozen encoder (pretrain/probes.py) while the other ranks wait at a barrier.
+        A resumed run without a reference probes the random init (rebuilt from --seed) first."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        if self.probe is not None:
+            if self.probe.reference is None and self.step != 0:
+                ref = self._probe_encoder(self._initial_model().encoder)
+                self.probe.record(0, ref, 0.0, 0.0)
+            metrics = self._probe_encoder(self.engine.module.encoder)
+            seconds = time.perf_counter() - t0
+            spent = time.perf_counter() - self._t_train - self._t_probes - seconds
+            row = self.probe.record(self.step, metrics, seconds, spent)
+            self.tracker.log(row, step=self.step)
+            print(self.probe.summary_line(self.step, row), flush=True)
+        if self.world > 1:
+            dist.barrier()
+        self._t_probes += time.perf_counter() - t0
+
+    def _probe_encoder(self, encoder: torch.nn.Module) -> dict:
+        autocast = self.precision.dtype if self.precision.how == "autocast" else None
+        return self.probe.evaluate(encoder, device=self.device, input_dtype=self.precision.input_dtype,
+                                   autocast_dtype=autocast)
+
+    def _initial_model(self) -> torch.nn.Module:
+        """The model as it was at step 0 (the same seeded init), without touching the global RNG."""
+        from pretrain.model import build_unet
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.args.seed)
+            model = build_unet(self.args.encoder, cbam_decoder=self.args.cbam_decoder,
+                               cbam_encoder=self.args.cbam_encoder)
+        dtype = self.precision.dtype if self.precision.how == "deepspeed" else torch.float32
+        return model.to(self.device, dtype)
 
     def _export(self, where: Path, metrics: dict | None) -> None:
         """Export the fp32 master weights (gathered from the ZeRO partitions on every rank; rank 0 writes)."""

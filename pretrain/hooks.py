@@ -2,7 +2,7 @@
 
 `Hooks` does nothing. `DebugHooks` is what the hidden `--debug-*` flags turn on, for the fault tests:
 per-step sample keys and parameter checksums, optimizer-state checksums at every save and after a resume,
-an injected NaN loss or full disk, sleeps to pace the run, and a pause in the middle of a checkpoint save
+an injected NaN loss or full disk, a collapsed model (constant output), sleeps to pace the run, and a pause in the middle of a checkpoint save
 so that a test can kill -9 the job there.
 """
 from __future__ import annotations
@@ -65,13 +65,15 @@ class DebugHooks(Hooks):
         self.enospc_at = args.debug_enospc_at_step
         self.step_sleep = args.debug_step_sleep
         self.ckpt_sleep = args.debug_ckpt_sleep
+        self.collapse_at = getattr(args, "debug_collapse_at_step", None)
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def wanted(args) -> bool:
         return bool(args.debug_keys or args.debug_nan_at_step is not None or args.debug_enospc_at_step is not None
-                    or args.debug_step_sleep or args.debug_ckpt_sleep)
+                    or args.debug_step_sleep or args.debug_ckpt_sleep
+                    or getattr(args, "debug_collapse_at_step", None) is not None)
 
     def _append(self, name: str, text: str) -> None:
         if self.dir is not None:
@@ -96,6 +98,13 @@ class DebugHooks(Hooks):
         return loss
 
     def after_step(self, trainer) -> None:
+        if self.collapse_at is not None and trainer.step >= self.collapse_at:
+            # a deliberately collapsed model: zero output weights make the restoration sigmoid(bias), whatever
+            # the input (done after every step from then on, as the optimizer moves them again)
+            with torch.no_grad():
+                for p in trainer.engine.module.segmentation_head.parameters():
+                    if p.dim() > 1:
+                        p.zero_()
         if self.step_sleep:
             time.sleep(self.step_sleep)
         if self.dir is not None:
