@@ -215,9 +215,11 @@ def shard_urls(spec) -> list[str]:
 
 
 def load_shards(spec, select: Callable[[dict], object], *, image_size: int, batch_size: int = 64,
-                num_workers: int = 0, desc: str = "loading shards", keys=None) -> ImageSet:
+                num_workers: int = 0, desc: str = "loading shards", keys=None, rank: int | None = None,
+                world_size: int | None = None) -> ImageSet:
     """Stream shard folders / specs once (eval mode) and keep the samples `select` labels (only `keys`,
-    if given: e.g. the images an index picked, so the rest are never decoded)."""
+    if given: e.g. the images an index picked, so the rest are never decoded). `rank`/`world_size` as in
+    `make_loader` (default: this process's share under torch.distributed; 0/1 reads everything)."""
     from tqdm import tqdm
 
     from shards.stream import make_loader
@@ -226,7 +228,7 @@ def load_shards(spec, select: Callable[[dict], object], *, image_size: int, batc
     if keys is not None:
         select = KeySelect(select, keys)
     loader = make_loader(urls, mode="eval", batch_size=batch_size, select=select, image_size=image_size,
-                         num_workers=num_workers)
+                         num_workers=num_workers, rank=rank, world_size=world_size)
     images, targets, records = [], [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
         images.append(images_to_uint8(batch["image"]))

@@ -116,6 +116,8 @@ class Demo:
                        "--batch-size", str(p["batch_size"]), "--max-steps", str(p["max_steps"]),
                        "--epoch-size", str(p["epoch_size"]), "--checkpoint-every", str(p["checkpoint_every"]),
                        "--val-every", str(p["val_every"]), "--val-max-samples", str(p["val_max_samples"]),
+                       # online probes on the labelled covid-format phantoms: judged against the random init
+                       "--probe-shards", str(self.shards / "covid"), "--probe-every", str(p["val_every"]),
                        "--lr", str(p["lr"]), "--warmup-steps", str(p["warmup_steps"]), "--num-workers", "1",
                        "--wandb-mode", self.wandb_mode, "--wandb-group", "demo"],
            env={"OMP_NUM_THREADS": "1"} if not self.gpus else None)

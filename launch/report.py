@@ -65,7 +65,9 @@ def loss_curve(rows: list[dict], out: Path) -> Path | None:
 
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r and isinstance(r["loss"], float)]
     val = [(r["step"], r["val/ssim"]) for r in rows if "val/ssim" in r]
-    base = [(r["step"], r["val/ssim_identity"]) for r in rows if "val/ssim_identity" in r]
+    baselines = {label: [(r["step"], r[key]) for r in rows if key in r]
+                 for key, label in (("val/ssim_identity", "corrupted input (identity)"),
+                                    ("val/ssim_blur", "blurred input"), ("val/ssim_mean_image", "mean training image"))}
     if not train:
         return None
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -75,16 +77,64 @@ def loss_curve(rows: list[dict], out: Path) -> Path | None:
     ax[0].legend()
     if val:
         ax[1].plot(*zip(*val), "o-", label="restored")
-    if base:
-        ax[1].plot(*zip(*base), "s--", label="corrupted input (identity)")
+    for (label, pts), style in zip(baselines.items(), ("s--", "^--", "v--")):
+        if pts:
+            ax[1].plot(*zip(*pts), style, label=label)
     ax[1].set_xlabel("step")
     ax[1].set_title("validation SSIM")
-    if val or base:
-        ax[1].legend()
+    if val or any(baselines.values()):
+        ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+PROBE_PLOTS = (("multiscale/diagnosis_auroc", "diagnosis macro-AUROC (logistic)"),
+               ("multiscale/diagnosis_knn_bacc", "diagnosis balanced acc. (kNN)"),
+               ("multiscale/severity_mse", "severity MSE (ridge)"),
+               ("pooled/diagnosis_auroc", "diagnosis macro-AUROC, pooled"))
+
+
+def probe_curve(rows: list[dict], out: Path) -> Path | None:
+    """Each online probe against its step-0 value (the random-init encoder), drawn as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, t) for k, t in PROBE_PLOTS if any(f"probe/{k}" in r for r in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
+    for ax, (k, title) in zip(axes[0], panels):
+        pts = [(r["step"], r[f"probe/{k}"]) for r in rows if f"probe/{k}" in r]
+        ax.plot(*zip(*pts), "o-", label="pretrained")
+        ref = next((r[f"probe_ref/{k}"] for r in rows if f"probe_ref/{k}" in r), None)
+        if ref is not None:
+            ax.axhline(ref, ls="--", color="gray", label="random init (step 0)")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def probe_checks(rows: list[dict]) -> list[tuple[str, bool, str]]:
+    """The learning checks against the random-init encoder: the last probe against the step-0 one."""
+    probes = [r for r in rows if any(k.startswith("probe/") and "/" in k[6:] for k in r)]
+    if len(probes) < 2:
+        return []
+    last, checks = probes[-1], []
+    for k, what in (("multiscale/diagnosis_auroc", "diagnosis macro-AUROC"), ("multiscale/severity_mse", "severity MSE")):
+        if f"probe_gain/{k}" in last:
+            g = last[f"probe_gain/{k}"]
+            checks.append((f"online probe beats its random-init (step 0) value: {what}", g > 0,
+                           (f"step {last['step']}: {last[f'probe/{k}']:.3f} vs {last[f'probe_ref/{k}']:.3f} "
+                           f"(gain {g:+.3f})")))
+    return checks
 
 
 def _img(path: Path, root: Path, alt: str, width: int = 420) -> str:
@@ -122,12 +172,25 @@ def write_report(out: Path, state: dict, *, preset: dict, device: str) -> Path:
         vals = [r for r in rows if "val/ssim" in r]
         if vals:
             v = vals[-1]
-            lines += [("| step | val images | SSIM restored | SSIM of corrupted input (identity) | PSNR restored | "
-                       "PSNR of corrupted input |"), "|---|---|---|---|---|---|",
+            lines += [("| step | val images | SSIM restored | SSIM identity (corrupted input) | SSIM blurred input | "
+                       "SSIM mean training image | PSNR restored | PSNR identity |"), "|---|---|---|---|---|---|---|---|",
                       (f"| {v['step']} | {v.get('val/count', '')} | {v['val/ssim']:.4f} | "
-                       f"{v['val/ssim_identity']:.4f} | {v['val/psnr']:.2f} | {v['val/psnr_identity']:.2f} |"), ""]
-            checks.append(("restoration SSIM above the identity baseline", v["val/ssim"] > v["val/ssim_identity"],
-                           f"{v['val/ssim']:.4f} vs {v['val/ssim_identity']:.4f}"))
+                       f"{v['val/ssim_identity']:.4f} | {v.get('val/ssim_blur', float('nan')):.4f} | "
+                       f"{v.get('val/ssim_mean_image', float('nan')):.4f} | {v['val/psnr']:.2f} | "
+                       f"{v['val/psnr_identity']:.2f} |"), ""]
+            if "val/ssim_margin" in v:
+                checks.append(("restoration SSIM above every trivial answer (identity, blur, mean image)",
+                               v["val/ssim_margin"] > 0, f"margin {v['val/ssim_margin']:+.4f} at step {v['step']}"))
+            collapsed = [r["step"] for r in vals if r.get("val/collapse_warning")]
+            if collapsed:
+                lines += [(f"**Collapse warning** at step {collapsed[0]}: the restorations stopped depending on "
+                          "the input (see the run's log)."), ""]
+        probe_png = probe_curve(rows, figs / "probes.png")
+        if probe_png:
+            lines += [("Online probes of the frozen encoder (patient-grouped CV on the probe shards), against the "
+                      "same probes on the random-init encoder (step 0, dashed):"), "",
+                      _img(probe_png, out, "probe curves", 760), ""]
+            checks += probe_checks(rows)
         grids = sorted((run / "samples").glob("*.png"))
         if grids:
             lines += ["Reconstruction grid (original | corrupted | restored), last evaluation:", "",
@@ -141,10 +204,10 @@ def write_report(out: Path, state: dict, *, preset: dict, device: str) -> Path:
         if table.exists():
             lines += [table.read_text().strip(), ""]
         summary = dm.get("summary", {})
-        if summary:
-            best = max(summary, key=lambda k: summary[k]["accuracy"]["mean"])
-            acc = summary[best]["accuracy"]["mean"]
-            checks.append(("diagnosis accuracy well above chance (1/3)", acc > 0.5, f"{best}: {acc:.3f}"))
+        if "ssl" in summary and "scratch" in summary:
+            a, b = (summary[n]["balanced_accuracy"]["mean"] for n in ("ssl", "scratch"))
+            checks.append(("diagnosis fine-tuned from the SSL encoder beats the same from random init",
+                           a > b, f"balanced accuracy {a:.3f} vs {b:.3f}"))
         for png in sorted(diag.glob("**/confusion*.png"))[:2]:
             lines += [_img(png, out, "confusion matrix", 320)]
         for init in sorted((diag / "scorecam").glob("*/")) if (diag / "scorecam").is_dir() else []:
@@ -162,9 +225,6 @@ def write_report(out: Path, state: dict, *, preset: dict, device: str) -> Path:
         table = sev / "severity_table.md"
         if table.exists():
             lines += [table.read_text().strip(), ""]
-        for t, r in (sm.get("result", sm).get("targets") or {}).items():
-            m, b = r["model"]["mse"]["mean"], r["baseline"]["mse"]["mean"]
-            checks.append((f"severity MSE below the mean predictor ({t})", m < b, f"{m:.3f} vs {b:.3f}"))
         lines += [" ".join(_img(p, out, "scatter", 320) for p in sorted(sev.glob("scatter_*.png"))), ""]
 
     sweep = out / "sweep"

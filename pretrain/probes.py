@@ -58,6 +58,7 @@ class ProbeSet:
     images: torch.Tensor      # uint8 [N,1,S,S]
     targets: np.ndarray       # [N, 17] as probe_target
     groups: np.ndarray        # patient groups
+    splits: np.ndarray | None = None  # the records' own split names (train/val/test), where they have them
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -86,8 +87,9 @@ def load_probe_set(spec, *, image_size: int, max_samples: int | None = None, see
     """The labelled records of `spec` (shards), at most `max_samples` whole patients' worth (a seeded draw)."""
     from downstream.data import load_shards
 
-    data = load_shards(spec, probe_target, image_size=image_size, desc="loading probe shards")
-    groups = data.groups
+    data = load_shards(spec, probe_target, image_size=image_size, desc="loading probe shards", rank=0,
+                       world_size=1)  # the whole set, whichever rank asks
+    groups, splits = data.groups, data.splits
     if max_samples is not None and len(data) > max_samples:
         rng = np.random.default_rng(seed)
         keep, n = [], 0
@@ -98,8 +100,8 @@ def load_probe_set(spec, *, image_size: int, max_samples: int | None = None, see
             keep.append(idx)
             n += len(idx)
         pick = np.sort(np.concatenate(keep))
-        data, groups = data.subset(pick), groups[pick]
-    return ProbeSet(data.images, np.asarray(data.targets, dtype=np.float32), groups)
+        data, groups, splits = data.subset(pick), groups[pick], splits[pick]
+    return ProbeSet(data.images, np.asarray(data.targets, dtype=np.float32), groups, splits)
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -181,46 +183,59 @@ def _regress(x: np.ndarray, y: np.ndarray, folds, *, knn: int):
 
 
 def fit_probes(features: dict[str, np.ndarray], data: ProbeSet, *, folds: int = 5, seed: int = 0,
-               c: float = 0.1, knn: int = 10) -> dict[str, float]:
-    """Patient-grouped out-of-fold probe scores for every feature kind and every task the labels allow."""
+               c: float = 0.1, knn: int = 10, holdout: np.ndarray | None = None) -> dict[str, float]:
+    """Probe scores for every feature kind and every task the labels allow: patient-grouped out-of-fold
+    (default), or, with `holdout` (a boolean mask of test rows, e.g. a split's test patients), fitted on the
+    other rows and scored on those rows only."""
     from downstream.data import DIAGNOSIS_CLASSES
     from downstream.metrics import classification_metrics, multilabel_auroc
+
+    def plan(rows: np.ndarray, strata: np.ndarray | None):
+        """(folds in row-local indices, the local rows to score), or None if the task has too few patients."""
+        if holdout is not None:
+            test = holdout[rows]
+            if not test.any() or test.all() or len(np.unique(data.groups[rows[~test]])) < 2:
+                return None
+            return [(np.flatnonzero(~test), np.flatnonzero(test))], np.flatnonzero(test)
+        if len(np.unique(data.groups[rows])) < MIN_GROUPS:
+            return None
+        return _folds(data.groups[rows], strata, folds, seed), np.arange(len(rows))
 
     out: dict[str, float] = {}
     dx_rows = np.flatnonzero(data.diagnosis >= 0)
     fi_rows = np.flatnonzero(~np.isnan(data.findings[:, 0]))
     sev_rows = np.flatnonzero(~np.isnan(data.severity[:, 0]))
-    dx_ok = (len(np.unique(data.groups[dx_rows])) >= MIN_GROUPS and len(np.unique(data.diagnosis[dx_rows])) >= 2)
-    dx_folds = _folds(data.groups[dx_rows], data.diagnosis[dx_rows], folds, seed) if dx_ok else None
-    fi_folds = _folds(data.groups[fi_rows], None, folds, seed) if len(np.unique(data.groups[fi_rows])) >= MIN_GROUPS else None
-    sev_folds = _folds(data.groups[sev_rows], None, folds, seed) if len(np.unique(data.groups[sev_rows])) >= MIN_GROUPS else None
+    dx = plan(dx_rows, data.diagnosis[dx_rows]) if len(np.unique(data.diagnosis[dx_rows])) >= 2 else None
+    fi = plan(fi_rows, None) if len(fi_rows) else None
+    sev = plan(sev_rows, None) if len(sev_rows) else None
+    names = list(DIAGNOSIS_CLASSES)
     for kind in FEATURES:
         x = features[kind].astype(np.float64)
         pre = f"probe/{kind}/"
-        if dx_folds is not None:
-            y = data.diagnosis[dx_rows]
-            present = [DIAGNOSIS_CLASSES[i] for i in range(len(DIAGNOSIS_CLASSES))]
-            p_lr, p_knn = _classify(x[dx_rows], y, dx_folds, c=c, knn=knn, n_classes=len(present))
-            m_lr = classification_metrics(y, p_lr, present)
-            m_knn = classification_metrics(y, p_knn, present)
+        if dx is not None:
+            (fl, ev), y = dx, data.diagnosis[dx_rows]
+            p_lr, p_knn = _classify(x[dx_rows], y, fl, c=c, knn=knn, n_classes=len(names))
+            m_lr = classification_metrics(y[ev], p_lr[ev], names)
+            m_knn = classification_metrics(y[ev], p_knn[ev], names)
             out |= {pre + "diagnosis_auroc": m_lr["macro_auroc"], pre + "diagnosis_bacc": m_lr["balanced_accuracy"],
                     pre + "diagnosis_knn_auroc": m_knn["macro_auroc"],
                     pre + "diagnosis_knn_bacc": m_knn["balanced_accuracy"]}
-        if fi_folds is not None:
-            y = data.findings[fi_rows]
-            usable = [j for j in range(y.shape[1]) if 3 <= y[:, j].sum() <= len(y) - 3]
+        if fi is not None:
+            (fl, ev), y = fi, data.findings[fi_rows]
+            usable = [j for j in range(y.shape[1]) if 3 <= y[ev, j].sum() <= len(ev) - 3]
             if usable:
                 scores = np.zeros((len(y), len(usable)))
                 for col, j in enumerate(usable):
-                    p, _ = _classify(x[fi_rows], y[:, j].astype(int), fi_folds, c=c, knn=knn, n_classes=2)
+                    p, _ = _classify(x[fi_rows], y[:, j].astype(int), fl, c=c, knn=knn, n_classes=2)
                     scores[:, col] = p[:, 1]
-                out[pre + "findings_auroc"] = multilabel_auroc(y[:, usable], scores, [str(j) for j in usable])["mean_auroc"]
-        if sev_folds is not None:
-            y = data.severity[sev_rows].astype(np.float64)
-            p_ridge, p_knn, p_mean = _regress(x[sev_rows], y, sev_folds, knn=knn)
-            out |= {pre + "severity_mse": float(((p_ridge - y) ** 2).mean()),
-                    pre + "severity_knn_mse": float(((p_knn - y) ** 2).mean()),
-                    "probe/severity_mean_predictor_mse": float(((p_mean - y) ** 2).mean())}
+                out[pre + "findings_auroc"] = multilabel_auroc(y[np.ix_(ev, usable)], scores[ev],
+                                                               [str(j) for j in usable])["mean_auroc"]
+        if sev is not None:
+            (fl, ev), y = sev, data.severity[sev_rows].astype(np.float64)
+            p_ridge, p_knn, p_mean = _regress(x[sev_rows], y, fl, knn=knn)
+            out |= {pre + "severity_mse": float(((p_ridge[ev] - y[ev]) ** 2).mean()),
+                    pre + "severity_knn_mse": float(((p_knn[ev] - y[ev]) ** 2).mean()),
+                    "probe/severity_mean_predictor_mse": float(((p_mean[ev] - y[ev]) ** 2).mean())}
     return out
 
 

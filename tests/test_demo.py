@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from runkit.tracking import read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["synth", "build", "pretrain", "diagnosis", "severity", "sweep"]
 
@@ -48,6 +50,10 @@ def test_tiny_demo_runs_every_stage_then_reuses_them(tmp_path):
     for rel in _images(report):  # every image the report shows exists
         assert (out / rel).is_file(), rel
     assert "mean predictor" in report and "ssl" in report and "scratch" in report
+    # the online probes, drawn against the random-init encoder (step 0) and judged against it
+    assert "report/probes.png" in _images(report) and "random-init (step 0) value" in report
+    probes = [r for r in read_jsonl(out / "pretrain" / "metrics.jsonl") if "probe/multiscale/diagnosis_auroc" in r]
+    assert [r["step"] for r in probes] == [0, 3, 6] and "probe_ref/multiscale/diagnosis_auroc" in probes[-1]
     assert list(out.glob("**/wandb/offline-run-*")), "no offline W&B run folders"
 
     # a second run reuses every stage and rewrites the report

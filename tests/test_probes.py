@@ -125,6 +125,15 @@ def test_online_probes_reference_and_collapse_through_the_training_loop(tmp_path
         assert v["val/blur_sigma"] in (1.0, 2.0, 4.0) and 0 < v["val/ssim_mean_image"] < 1
 
 
+def test_probe_set_is_the_whole_set_on_any_rank(tmp_path_factory, monkeypatch):
+    """Rank 0 of a 2-rank job probes every labelled image, not its rank's share of the shards."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    data = _probe_set(tmp_path_factory)
+    assert len(data) == 180 and data.describe().startswith("180 images")
+    assert len(load_probe_set(str(phantom_shards(tmp_path_factory)[1]), image_size=SIZE, max_samples=50)) <= 50
+
+
 def test_collapse_check_and_baselines_on_synthetic_restorations():
     """Restorations equal to the originals are healthy; the mean image as every answer scores the
     mean-image baseline exactly; a constant restoration has spread ratio 0."""
