@@ -42,3 +42,27 @@ def test_gpu_config_trains_and_exports_fp32_master_weights(tmp_path, config, pre
     check_exact_export(out, ckpt.tag_for(8), zero_stage=zero)
     desc = json.loads((out / "last" / "encoder.json").read_text())
     assert (desc["precision"], desc["precision_mode"], desc["zero_stage"]) == (precision, mode, zero)
+
+
+@pytest.mark.parametrize("how", ["autocast", "deepspeed"])
+def test_probe_features_on_the_gpu_match_the_cpu(how):
+    """The online probe's feature extraction as the trainer calls it on a GPU: bf16 autocast over fp32
+    weights, or (DeepSpeed's fp16 mode) a half model fed a half input; features agree with fp32 on the CPU."""
+    import numpy as np
+
+    from pretrain.model import build_unet
+    from pretrain.probes import encoder_features
+
+    torch.manual_seed(0)
+    encoder = build_unet("resnet18").encoder.eval()
+    images = torch.randint(0, 256, (20, 1, 64, 64), dtype=torch.uint8)
+    ref = encoder_features(encoder, images, device=torch.device("cpu"))
+    gpu = torch.device("cuda")
+    if how == "autocast":
+        got = encoder_features(encoder.to(gpu), images, device=gpu, autocast_dtype=torch.bfloat16)
+    else:
+        got = encoder_features(encoder.to(gpu, torch.float16), images, device=gpu, input_dtype=torch.float16)
+    for kind in ("pooled", "multiscale"):
+        assert got[kind].dtype == np.float32 and got[kind].shape == ref[kind].shape
+        rel = np.abs(got[kind] - ref[kind]).max() / np.abs(ref[kind]).max()
+        assert rel < 0.05, (kind, rel)
