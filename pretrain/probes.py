@@ -161,7 +161,7 @@ def _classify(x: np.ndarray, y: np.ndarray, folds, *, c: float, knn: int, n_clas
         if len(classes) < 2:
             p_lr[te] = p_knn[te] = np.bincount(y[tr], minlength=n_classes) / len(tr)
             continue
-        lr = LogisticRegression(C=c, max_iter=300).fit(a, y[tr])
+        lr = LogisticRegression(C=c, max_iter=300, tol=1e-3).fit(a, y[tr])
         p_lr[np.ix_(te, classes)] = lr.predict_proba(b)
         nn = KNeighborsClassifier(n_neighbors=min(knn, len(tr)), metric="cosine").fit(a, y[tr])
         p_knn[np.ix_(te, classes)] = nn.predict_proba(b)
