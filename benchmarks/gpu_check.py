@@ -117,6 +117,25 @@ def export_check(run: Path) -> tuple[str, float]:
     return ",".join(dtypes), diff
 
 
+def probe_cost(shards: Path, run: Path, size: int, max_samples: int = 1000) -> tuple[int, float]:
+    """Seconds of one online probe (`pretrain.probes`) as the trainer runs it on the GPU: bf16-autocast
+    features of up to `max_samples` labelled images, then the CPU probes."""
+    from pretrain.model import load_encoder
+    from pretrain.probes import encoder_features, fit_probes, load_probe_set
+
+    data = load_probe_set(f"{shards}/*.tar", image_size=size, max_samples=max_samples)
+    encoder, _ = load_encoder(run)
+    encoder = encoder.to("cuda")
+    fit_probes(encoder_features(encoder, data.images[:64], device=torch.device("cuda"),
+                                autocast_dtype=torch.bfloat16), type(data)(data.images[:64], data.targets[:64],
+                                                                           data.groups[:64]))  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fit_probes(encoder_features(encoder, data.images, device=torch.device("cuda"), autocast_dtype=torch.bfloat16),
+               data)
+    return len(data), time.perf_counter() - t
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
@@ -156,6 +175,11 @@ def main(argv=None) -> int:
     for r in results:
         dtypes, diff = export_check(work / f"run_{r['encoder']}")
         print(f"export {r['encoder']}: encoder.pt dtype {dtypes}; max |encoder.pt - zero_to_fp32| = {diff:.3g}")
+    for r in results:
+        n, sec = probe_cost(shards, work / f"run_{r['encoder']}", args.size)
+        step_s = args.batch / r["per_gpu"]
+        print(f"online probe {r['encoder']}: {sec:.1f} s for {n} images; at the default --probe-every 500 "
+              f"({500 * step_s:.0f} s of training) that is {100 * sec / (500 * step_s):.1f} % (goal <= 10 %)")
     print(f"gpu-check: measurements took {time.perf_counter() - t0:.0f} s", flush=True)
     rc = 0
     if not args.no_tests:
