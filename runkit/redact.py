@@ -106,8 +106,8 @@ class RedactingStream:
         object.__setattr__(self, "_sink", fn)
 
     def _redacting_write(self, s):
-        if getattr(self._local, "busy", False):  # a patched write calling its original: already redacted
-            return self._stream.write(s)
+        if getattr(self._local, "busy", False):  # a patched write calling its original (redacting is idempotent)
+            return self._stream.write(redact(s) if isinstance(s, str) else s)
         self._local.busy = True
         try:
             self._sink(redact(s) if isinstance(s, str) else s)
