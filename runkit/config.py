@@ -1,4 +1,4 @@
-"""YAML loading, secret scrubbing and the resolved config saved with the git SHA.
+"""YAML loading and the resolved config saved with the git SHA (credentials scrubbed: runkit.redact).
 
 The layering itself (defaults, then a YAML `--config`, then flags, with YAML values validated like flags)
 is `runkit.typed.parse_layered`.
@@ -6,7 +6,6 @@ is `runkit.typed.parse_layered`.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,7 @@ import yaml
 
 from runkit.atomic import atomic_write_text
 from runkit.errors import UserError
-
-_SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+from runkit.redact import scrub_secrets  # every config written goes through it (also imported from here)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -48,15 +46,6 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                            cwd=cwd or Path(__file__).resolve().parent, capture_output=True, text=True, check=False)
     return sha + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def scrub_secrets(obj: Any) -> Any:
-    """Drop values whose key looks like a credential: no API key is ever written to a run folder."""
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if _SECRET.search(str(k)) else scrub_secrets(v)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [scrub_secrets(v) for v in obj]
-    return obj
 
 
 def to_plain(obj: Any) -> Any:

@@ -10,10 +10,16 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main):
-    """Decorate a CLI `main` so that a UserError prints one line to stderr and exits 2."""
+    """Decorate a CLI `main` so that a UserError prints one line to stderr and exits 2.
+
+    Every entry point goes through here, so this is also where the process's stdout and stderr get their
+    credential redaction (`runkit.redact.redact_stdio`): a signed shard URL never reaches a log."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from runkit.redact import redact_stdio
+
+        redact_stdio()
         try:
             return main(*args, **kwargs)
         except UserError as exc:

@@ -1,7 +1,12 @@
 """Run tracking shared by pretrain, downstream and tune: RUN/metrics.jsonl plus Weights & Biases.
 
-W&B is optional and never needs a key: with no WANDB_API_KEY the default mode is offline, which writes
-RUN/wandb/offline-run-* for a later `wandb sync`. Only rank 0 logs; other ranks get a no-op tracker.
+W&B is optional and never needs a key. It goes online only when asked: `WANDB_API_KEY` in the environment,
+an explicit mode "online" (`--wandb-mode online`, `--wandb online`, `wandb_mode: online`) or
+`WANDB_MODE=online`. A `wandb login` stored in ~/.netrc is not a request: without one of these the mode
+is offline, which writes RUN/wandb/offline-run-* for a later `wandb sync`. Images (validation grids,
+confusion matrices) go to W&B only when the run is online; offline runs keep them in the run folder only,
+so a later `wandb sync` uploads no image nobody asked to upload. Only rank 0 logs; other ranks get a
+no-op tracker. Everything sent to W&B or written to metrics.jsonl passes `runkit.redact` first.
 """
 from __future__ import annotations
 
@@ -13,21 +18,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runkit.config import scrub_secrets, to_plain
+from runkit.config import to_plain
+from runkit.redact import redact, redact_stdio, redacted_argv, scrub_secrets
 
 WANDB_MODES = ("online", "offline", "disabled")
 
 
 def default_wandb_mode() -> str:
-    """WANDB_MODE if set, else online with a key and offline without one (never an error for a missing key)."""
+    """WANDB_MODE if set, else online with WANDB_API_KEY and offline without (a ~/.netrc login is no request)."""
     env = os.environ.get("WANDB_MODE")
     if env in WANDB_MODES:
         return env
-    return "online" if _has_wandb_login() else "offline"
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def _has_wandb_login() -> bool:
-    """A key in the environment, or one `wandb login` stored in ~/.netrc (never read into our logs)."""
+    """A key in the environment, or one `wandb login` stored in ~/.netrc: what an explicit "online" can use."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -67,7 +73,46 @@ def _jsonable(v: Any) -> Any:
             return str(v)
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
+    if isinstance(v, str):
+        return redact(v)
     return v
+
+
+def cut_torn_tail(path: str | Path) -> None:
+    """Make a JSON-lines file end at a line end before appending to it.
+
+    A kill in the middle of a write leaves a last line without its newline; appending to it would join
+    the next row to the fragment and lose both. A fragment that is not a whole JSON value is cut off;
+    a whole row that only misses its newline gets one."""
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        start, block = size, 1 << 16
+        while start > 0:  # find the last newline, reading backwards
+            lo = max(0, start - block)
+            f.seek(lo)
+            nl = f.read(start - lo).rfind(b"\n")
+            if nl >= 0:
+                start = lo + nl + 1
+                break
+            start = lo
+        f.seek(start)
+        tail = f.read()
+        try:
+            json.loads(tail)
+        except ValueError:
+            f.truncate(start)
+        else:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
 
 
 class Tracker:
@@ -87,6 +132,7 @@ class Tracker:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        cut_torn_tail(self.out_dir / jsonl_name)
         self._jsonl = open(self.out_dir / jsonl_name, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if self.mode != "disabled":
             import wandb  # heavy, and optional at run time
@@ -96,11 +142,13 @@ class Tracker:
                 print("tracking: no W&B key (WANDB_API_KEY or `wandb login`); logging offline instead "
                       "(`wandb sync` uploads the run later)", file=sys.stderr, flush=True)
                 self.mode = "offline"
-            self._wandb_run = wandb.init(
-                project=project, group=group, name=name, job_type=job_type, dir=str(self.out_dir),
-                mode=self.mode, config=scrub_secrets(to_plain(config)) if config is not None else None,
-                id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous",
-            )
+            redact_stdio()  # W&B copies the console (output.log): it must see redacted text
+            with redacted_argv():  # W&B records sys.argv at init
+                self._wandb_run = wandb.init(
+                    project=project, group=group, name=name, job_type=job_type, dir=str(self.out_dir),
+                    mode=self.mode, config=scrub_secrets(to_plain(config)) if config is not None else None,
+                    id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous",
+                )
 
     @property
     def wandb_run(self):
@@ -115,10 +163,12 @@ class Tracker:
         row.update({k: _jsonable(v) for k, v in metrics.items()})
         self._jsonl.write(json.dumps(row) + "\n")
         if self._wandb_run is not None:
-            self._wandb_run.log({k: v for k, v in metrics.items()}, step=step)
+            self._wandb_run.log({k: redact(v) if isinstance(v, str) else v for k, v in metrics.items()}, step=step)
 
     def log_image(self, name: str, path: str | Path, step: int | None = None, caption: str | None = None) -> None:
-        if not self.enabled or self._wandb_run is None:
+        """Send an image to W&B, only when the run is online (images may show patients: an offline run
+        folder, which `wandb sync` would upload later, gets none; the file stays in the run folder)."""
+        if not self.enabled or self._wandb_run is None or self.mode != "online":
             return
         import wandb
 

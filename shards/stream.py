@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from runkit.errors import UserError
+from runkit.redact import redact
 
 log = logging.getLogger(__name__)
 MODES = ("train", "eval")
@@ -220,17 +221,18 @@ class _WorkerStats:
 
     def _note(self, kind: str, url: str | None, exn: BaseException | str) -> None:
         text = exn if isinstance(exn, str) else f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}"
+        text = redact(str(text))  # a pipe: command's error names its command, credentials and all
         self.d["reasons"][f"{kind}: {text.split(' @ ')[0][:120]}"] += 1
         if self.logged < _MAX_LOGGED:
             self.logged += 1
-            log.warning("skipped %s in %s: %s", kind, url, text)
+            log.warning("skipped %s in %s: %s", kind, redact(url) if url else url, text)
 
     def shard_error(self, exn: BaseException) -> bool:
         """webdataset handler: count, remember the shard, and carry on (no sleep)."""
         url = next((a for a in reversed(exn.args) if isinstance(a, str) and a != exn.args[0]), None)
         self.d["shard_errors"] += 1
         if url:
-            self.d["bad_shards"].append(url)
+            self.d["bad_shards"].append(redact(url))
         self._note("shard", url, exn)
         return True
 
