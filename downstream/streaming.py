@@ -46,12 +46,12 @@ class StreamedSet:
                            shuffle_buffer=self.shuffle_buffer, seed=seed, rank=0, world_size=1)
 
     def train_batches(self, batch_size: int, steps: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`steps` shuffled full batches (images float [B,1,S,S] in [0,1], targets) of this split."""
+        """`steps` shuffled full batches (images uint8 [B,1,S,S]: `to_float` on the device; targets) of this split."""
         for batch in self._loader("train", batch_size, epoch_size=steps * batch_size, seed=seed):
             yield batch["image"], _tensor(batch["target"])
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
-        """Every image of the split once: (images, targets, keys)."""
+        """Every image of the split once: (uint8 images, targets, keys)."""
         for batch in self._loader("eval", batch_size):
             yield batch["image"], _tensor(batch["target"]).numpy(), list(batch["key"])
 

@@ -417,6 +417,8 @@ class Trainer:
         step turns them into the log row, the NaN stop and the wall-clock stop together."""
         from tqdm import tqdm
 
+        from shards.stream import images_to_float
+
         args = self.args
         gen = torch.Generator(device=self.device)
         gen.manual_seed(args.seed * 7919 + self.rank * 104729 + self.step)
@@ -428,13 +430,13 @@ class Trainer:
         in_dtype = self.precision.input_dtype
         self.out_of_time = False
         self.engine.train()
+        loader = self._train_loader()  # one loader for the run: its workers persist across epochs
         while self.step < args.max_steps and not self.out_of_time:
             n_batches = 0
-            loader = self._train_loader()
             for batch in loader:
                 n_batches += 1
                 self.hooks.on_batch(self, batch)
-                x = batch["image"].to(self.device, non_blocking=True)
+                x = images_to_float(batch["image"], self.device)  # uint8 moved, converted on the device
                 with torch.no_grad():
                     corrupted, target = self.corrupt(x, gen)
                 out = self.engine(corrupted.to(in_dtype))
@@ -522,7 +524,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         from pretrain.loss import psnr_per_sample, ssim_per_sample
-        from shards.stream import make_loader
+        from shards.stream import images_to_float, make_loader
 
         self.engine.eval()
         loader = make_loader(self.val_urls, mode="eval", batch_size=self.micro, image_size=self.args.image_size,
@@ -535,7 +537,7 @@ class Trainer:
         for i, batch in enumerate(loader):
             if cap_rank is not None and seen >= cap_rank:
                 break
-            x = batch["image"].to(self.device)
+            x = images_to_float(batch["image"], self.device)
             if cap_rank is not None:
                 x = x[: cap_rank - seen]
             seen += x.shape[0]
