@@ -302,7 +302,7 @@ _NPY_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 @lru_cache(maxsize=64)
 def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
     """dtype and shape from a .npy 1.0 header (a shard's samples share one: parsed once, then cached)."""
-    dtype, shape, fortran = np.lib.format.read_array_header_1_0(io.BytesIO(header))  # magic already read
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header))  # magic already read
     if fortran or len(shape) != 2 or dtype not in _NPY_DTYPES or not 0 < shape[0] * shape[1] <= _MAX_PIXELS:
         raise ValueError(f"npy holds {dtype} {shape}{' (Fortran order)' if fortran else ''}; want 2-D uint8/uint16")
     return dtype, shape
