@@ -278,7 +278,7 @@ def fit(model: Classifier, train, val, config: dict, *, multiclass: bool,
         _train_mode(model, frozen, linear)
         losses = []
         if streamed and not linear:
-            batches = train.train_batches(bs, steps, seed=int(cfg["seed"]) * 1000 + epoch)
+            batches = train.train_batches(bs, steps, seed=int(cfg["seed"]) * 1000, epoch=epoch)
         else:
             batches = _batches(len(train), y_train, {**cfg, "balance": balance}, gen, multiclass)
         for item in tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False,

@@ -286,6 +286,7 @@ def _decode(samples: Iterator[dict], stats: _WorkerStats, select, image_size) ->
         try:
             image = decode_npy(sample["npy"]) if ext == "npy" else decode_png(sample["png"])
             if image_size is not None and image.shape != (image_size, image_size):
+                _note_resize(image.shape, image_size)
                 image = _resize(image, image_size)
         except Exception as exn:  # noqa: BLE001 - any decoder failure on hostile bytes is a skip
             stats.sample_error(url, f"bad {ext} in {sample['__key__']}: {type(exn).__name__}")
@@ -318,6 +319,19 @@ def decode_npy(data: bytes) -> np.ndarray:
     if len(data) != 10 + n + count * dtype.itemsize:
         raise ValueError(f"npy data has {len(data) - 10 - n} bytes for {dtype} {shape}")
     return np.frombuffer(data, dtype, count, 10 + n).reshape(shape)
+
+
+_resize_noted = False
+
+
+def _note_resize(shape: tuple, size: int) -> None:
+    """Say once per process that samples are resized per sample on the CPU (store at the training size)."""
+    global _resize_noted
+    if not _resize_noted:
+        _resize_noted = True
+        log.warning("shards stored at %sx%s px are resized to %d px per sample on the CPU, every epoch; that "
+                    "costs about as much as decoding a PNG (benchmarks/bench_shards.py): build them with --size %d",
+                    shape[0], shape[1], size, size)
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -40,6 +40,9 @@ def test_streamed_split_predicts_like_the_in_memory_set(tmp_path_factory):
     np.testing.assert_array_equal(s_targets, part.targets)  # the stream's labels, in index order
     batches = list(streamed.train_batches(batch_size=4, steps=3, seed=0))
     assert len(batches) == 3 and all(x.shape == (4, 1, 32, 32) for x, _ in batches)
+    loader = streamed._train[1]  # kept for the next epoch (its workers, if any, persist)
+    again = list(streamed.train_batches(batch_size=4, steps=3, seed=0, epoch=1))
+    assert streamed._train[1] is loader and len(again) == 3 and loader.epoch == 2
     rec = dict(part.records[0], labels={"findings": []})
     select = KeySelect(findings_target, part.keys)  # what keeps the stream to this split
     assert select(rec) is not None and select({**rec, "key": "not-in-split"}) is None
