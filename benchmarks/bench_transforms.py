@@ -5,7 +5,8 @@
 Both run single-threaded by default (the numpy port is; the machine is shared), with the reference's
 probabilities, timed in CPU seconds of this process (robust to other users of a shared machine; wall
 clock would charge their time to whichever side was running). Rows: images/s per implementation and
-size, with the CPU chunk the transforms chose from this machine's cache (runkit.cpu). The final line is
+size, with the CPU chunk the transforms chose from this machine's cache (runkit.cpu) and the minor page faults
+per batched image (non-zero in steady state: the heap returns memory to the OS). The final line is
 the smallest speed-up over sizes, beside the CPU model and its caches. `--chunk-sweep` also times the
 batched version at chunk sizes from 8 Ki to 2 Mi pixels (what CHUNK_BYTES_PER_PIXEL is set from).
 The process keeps freed memory in its heap, as the pretraining entry point does (`runkit.allocator`);
@@ -14,6 +15,7 @@ The process keeps freed memory in its heap, as the pretraining entry point does 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -31,14 +33,17 @@ from runkit import cpu
 from runkit.allocator import keep_freed_memory
 
 
-def _time(fn, reps: int) -> float:
-    """Median CPU seconds of `reps` calls after one warm-up."""
+def _time(fn, reps: int, faults: list | None = None) -> float:
+    """Median CPU seconds of `reps` calls after one warm-up; appends minor page faults per call to `faults`."""
     fn()
     times = []
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(reps):
         t0 = time.process_time()
         fn()
         times.append(time.process_time() - t0)
+    if faults is not None:
+        faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / reps)
     return statistics.median(times)
 
 
@@ -49,8 +54,9 @@ def _measure(size: int, args) -> tuple[int, float, float, float]:
     xn = x.double().numpy()
     seeds = iter(range(10_000))
     t_ref = _time(lambda: ref.genesis_batch_numpy(xn, cfg, seed=next(seeds)), args.ref_reps)
-    t_bat = _time(lambda: genesis_batch(x, cfg, g), args.reps)
-    return size, args.batch / t_ref, args.batch / t_bat, t_ref / t_bat
+    faults: list = []
+    t_bat = _time(lambda: genesis_batch(x, cfg, g), args.reps, faults)
+    return size, args.batch / t_ref, args.batch / t_bat, t_ref / t_bat, faults[0] / args.batch
 
 
 def _sweep(size: int, args) -> list[tuple[int, float]]:
@@ -82,13 +88,14 @@ def main(argv=None) -> None:
 
     print(f"\nModels Genesis transforms, CPU, batch {args.batch}, torch threads {args.threads}, malloc: {heap}, "
           f"torch CPU kernels: {torch.backends.cpu.get_cpu_capability()}")
-    print(f"{'size':>6} | {'numpy reference img/s':>22} | {'batched img/s':>14} | {'speed-up':>8} | chunk (samples)")
-    print("-" * 80)
-    for size, r, b, s in rows:
-        print(f"{size:>6} | {r:>22.1f} | {b:>14.1f} | {s:>7.1f}x | {max(1, px // (size * size))}")
+    print(f"{'size':>6} | {'numpy reference img/s':>22} | {'batched img/s':>14} | {'speed-up':>8} | chunk (samples) | "
+          "page faults per image (batched)")
+    print("-" * 112)
+    for size, r, b, s, f in rows:
+        print(f"{size:>6} | {r:>22.1f} | {b:>14.1f} | {s:>7.1f}x | {max(1, px // (size * size)):>15} | {f:.1f}")
     for size, sweep in sweeps.items():
         print(f"chunk sweep at {size} px (samples: img/s): " + ", ".join(f"{c}: {r:.0f}" for c, r in sweep))
-    worst = float(np.min([s for *_, s in rows]))
+    worst = float(np.min([r[3] for r in rows]))
     print(f"batched vs numpy reference: {worst:.1f}x (goal >= 20x) on {cpu.describe()}; "
           f"CPU chunk {px:,} pixels")
 
