@@ -194,7 +194,7 @@ def main(argv=None) -> int:
             loader = DataLoader(PNGFiles(paths, size), batch_size=64, num_workers=0)
             return lambda: iter(loader)
 
-        count = lambda b: b["image"].shape[0]  # noqa: E731
+        count = lambda b: b["image"].shape[0]
         readers = {
             "(a) PNG shards, 224 px": (stream(built["png"][0]), count),
             "(b) raw shards, 224 px": (stream(built["raw"][0]), count),
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     disk = ", ".join(f"{k}: {v['bytes_per_image'] / 1e3:.1f} kB/image ({v['bytes_per_pixel_byte']:.2f} bytes per "
                      f"pixel byte)" for k, v in manifests.items())
     print(f"disk cost (manifest): {disk}")
-    print(f"build, 1 worker, images per CPU second: " + ", ".join(
+    print("build, 1 worker, images per CPU second: " + ", ".join(
         f"{k} {v[1]:.0f}" for k, v in built.items()) + " (1024 px -> stored size)")
     demand = args.gpus * args.model_rate
     print(f"loader cores for {args.gpus} GPUs at {args.model_rate:,.0f} images/s each ({demand:,.0f} images/s, "

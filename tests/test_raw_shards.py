@@ -73,7 +73,7 @@ def test_decode_npy_is_a_view_and_refuses_what_the_writer_never_writes():
 
 def test_workers_persist_across_epochs_and_each_epoch_keeps_its_own_order(tmp_path_factory):
     raw = nih_raw_shards(tmp_path_factory)
-    kw = dict(mode="train", batch_size=4, epoch_size=16, num_workers=2, shuffle_buffer=8, seed=3)
+    kw = {"mode": "train", "batch_size": 4, "epoch_size": 16, "num_workers": 2, "shuffle_buffer": 8, "seed": 3}
     loader = make_loader(f"{raw}/*.tar", **kw)
     first = [k for b in loader for k in b["key"]]
     pids = [w.pid for w in loader._loader._iterator._workers]
