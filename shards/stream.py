@@ -698,6 +698,10 @@ _INTEGER_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
 def images_to_float(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """A batch's integer images -> float32 in [0, 1] on `device`: the integers move (non-blocking from
     pinned memory), then are converted there. Float input is only moved and cast."""
+    if images.dtype == torch.uint16 and device is not None and torch.device(device).type != "cpu":
+        # uint16 has only bare-bones kernels off the CPU: move the bits as int16, widen there
+        x = images.view(torch.int16).to(device, non_blocking=True).int().bitwise_and_(0xFFFF)
+        return x.float().div_(65535.0)
     x = images if device is None else images.to(device, non_blocking=True)
     scale = _INTEGER_SCALE.get(x.dtype)
     return x.float().div_(scale) if scale else x.float()

@@ -101,3 +101,5 @@ def test_batches_arrive_pinned_and_convert_on_the_gpu(tmp_path_factory):
     assert batch["image"].is_pinned() and batch["image"].dtype == torch.uint8
     x = images_to_float(batch["image"], "cuda")
     assert x.is_cuda and x.dtype == torch.float32 and torch.equal(x.cpu(), batch["image"].float() / 255)
+    u16 = torch.tensor([[0, 1, 40000, 65535]], dtype=torch.uint16)  # 16-bit shards: moved as int16 bits
+    assert torch.equal(images_to_float(u16, "cuda").cpu(), images_to_float(u16))
