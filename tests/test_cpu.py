@@ -51,7 +51,7 @@ def test_the_transforms_chunk_follows_the_core_cache(monkeypatch, cache, size, c
         seen = []
         orig = T._shuffle_values
         monkeypatch.setattr(T, "_shuffle_values", lambda x, layout, rows: seen.append(rows) or orig(x, layout, rows))
-        x = torch.rand(64, 1, size, size, generator=torch.Generator().manual_seed(0))
+        x = torch.rand(chunk + 1, 1, size, size, generator=torch.Generator().manual_seed(0))  # one chunk, then 1
         cfg = T.GenesisConfig(local_shuffle_prob=1.0)
         T.genesis_batch(x, cfg, torch.Generator().manual_seed(1))
         assert seen and max(r.stop - r.start for r in seen) == chunk
