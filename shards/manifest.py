@@ -140,7 +140,7 @@ def encoding_cost(encoding: str, states: list[dict]) -> dict:
     """The image encoding and what it costs on disk: tar bytes per image, and per byte of raw pixels."""
     samples = sum(s["count"] for s in states)
     nbytes = sum(s["bytes"] for s in states)
-    pixels = sum(s.get("pixel_bytes", 0) for s in states)
+    pixels = sum(s["pixel_bytes"] for s in states) if all("pixel_bytes" in s for s in states) else 0  # older sidecars
     return {"name": encoding, "bytes_per_image": round(nbytes / samples, 1) if samples else None,
             "bytes_per_pixel_byte": round(nbytes / pixels, 4) if pixels else None}
 

@@ -5,7 +5,8 @@ Why it is built this way:
   chunks of --max-count, chunk k of split s being `s-<k:06d>.tar`. One worker builds one whole shard,
   so the bytes never depend on --workers or on scheduling.
 - Tar members are deterministic (mtime/uid/gid/mode fixed, `<key>.json` then `<key>.png`, PNG at a
-  fixed compress level; or `<key>.npy` with `--encoding raw`: the pixels as they are, shape in the JSON), every file is written to a temp file and renamed (runkit.atomic), and each
+  fixed compress level; with `--encoding raw`, `<key>.npy`: the pixels as they are, their shape also in
+  the JSON), every file is written to a temp file and renamed (runkit.atomic), and each
   finished shard gets a sidecar (shards.manifest) with its sha256. A rerun keeps shards whose sidecar
   matches this build and whose bytes match the checksum, and redoes the rest: kill -9 at any point,
   then rerun, gives shards and manifest byte-identical to a clean build.
@@ -230,7 +231,7 @@ def build_shard(out_dir: str, chunk: Chunk, size: int, square: str, bit_depth: i
                 if "pixel_spacing" in info and "pixel_spacing" not in meta:
                     meta["pixel_spacing"] = info["pixel_spacing"]
                 payload = dataclasses.replace(rec, image=None, view=view, meta=meta).to_json()
-                if encoding == "raw":  # the shape in the JSON: readers check the .npy against it
+                if encoding == "raw":  # shape and dtype in the JSON too (the reader parses the .npy header)
                     payload["pixels"] = {"shape": list(image.shape), "dtype": image.dtype.name}
                 ext, data = encode_image(image, encoding)
                 _add_member(tar, f"{rec.key}.json", _json_bytes(payload))
@@ -243,8 +244,8 @@ def build_shard(out_dir: str, chunk: Chunk, size: int, square: str, bit_depth: i
     atomic_write(out / chunk.name, write)
     os.chmod(out / chunk.name, SHARED_MODE)
     state = {"name": chunk.name, "split": chunk.split, "count": len(records), "sha256": sha, "bytes": nbytes,
-             "pixel_bytes": pixel_bytes, "fingerprint": chunk.fingerprint, "labels": mf.label_counts(records), "skipped": skipped,
-             "pixel_hashes": hashes}
+             "pixel_bytes": pixel_bytes, "fingerprint": chunk.fingerprint, "labels": mf.label_counts(records),
+             "skipped": skipped, "pixel_hashes": hashes}
     mf.write_sidecar(out, state)
     return state
 

@@ -64,7 +64,9 @@ def test_decode_npy_is_a_view_and_refuses_what_the_writer_never_writes():
     assert np.array_equal(decode_npy(encode_npy(img16)), img16)
     fortran = io.BytesIO()
     np.save(fortran, np.asfortranarray(img))
-    bad = [data[:-1], data + b"\0", b"\x93NUMPY\x02\x00" + data[8:], encode_npy(img.astype(np.float32)),
+    huge = io.BytesIO()  # a header that claims 10^10 pixels over 4 bytes of data
+    np.lib.format.write_array_header_1_0(huge, {"descr": "|u1", "fortran_order": False, "shape": (100000, 100000)})
+    bad = [huge.getvalue() + b"\0" * 4, data[:-1], data + b"\0", b"\x93NUMPY\x02\x00" + data[8:], encode_npy(img.astype(np.float32)),
            encode_npy(np.zeros((2, 2, 2), np.uint8)), encode_npy(np.zeros(5, np.uint8)), fortran.getvalue()]
     for b in bad:
         with pytest.raises(ValueError):
