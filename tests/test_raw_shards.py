@@ -16,7 +16,7 @@ import webdataset as wds
 from fixtures_downstream import SIZE, nih_raw_shards, nih_shards
 
 from shards import manifest as mf
-from shards.stream import decode_npy, images_to_float, make_loader
+from shards.stream import _stack, decode_npy, images_to_float, make_loader
 from shards.writer import encode_npy
 
 
@@ -87,6 +87,19 @@ def test_workers_persist_across_epochs_and_each_epoch_keeps_its_own_order(tmp_pa
     loader.set_epoch(0)  # a jump: new workers, epoch 0 again
     assert [k for b in loader for k in b["key"]] == first
     assert loader.pin_memory is torch.cuda.is_available()
+
+
+class _StackInWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        t = _stack([np.zeros((4, 4), np.uint8), np.ones((4, 4), np.uint8)])
+        yield t.is_shared(), t
+
+
+def test_a_worker_stacks_its_batch_straight_into_shared_memory():
+    """So the batch reaches the main process without the copy torch makes to share an ordinary tensor."""
+    shared, t = next(iter(torch.utils.data.DataLoader(_StackInWorker(), batch_size=None, num_workers=1)))
+    assert shared and t.dtype == torch.uint8 and t.shape == (2, 1, 4, 4) and int(t[1].sum()) == 16
+    assert not _stack([np.zeros((2, 2), np.uint8)]).is_shared()  # in the main process: ordinary memory
 
 
 def test_images_to_float_scales_the_stored_integers():
