@@ -1,6 +1,7 @@
 """Peak memory of NIH-14 training from streamed shards, at N and 10 x N phantom images.
 
     python benchmarks/bench_nih14_stream.py [--n 200] [--size 64] [--steps 20] [--batch-size 16] [--out DIR]
+                                            [--encoding png|raw]
 
 Builds NIH-format phantom shards of N and 10N images, then trains the NIH-14 head (`downstream.nih14`,
 `stream: on`: index the JSON, split by patient, stream the training split; validation and test stream
@@ -24,14 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build(root: Path, n: int, size: int) -> Path:
+def build(root: Path, n: int, size: int, encoding: str = "png") -> Path:
     from shards.sources import get_source
     from shards.synth import synth_nih
     from shards.writer import build as build_shards
 
     raw = synth_nih(root / f"raw-{n}" / "nih", n, size=size, seed=0)
-    out = root / f"shards-{n}"
-    build_shards(get_source("nih").scan(raw), out, source="nih", size=size, workers=1, progress=False, max_count=100)
+    out = root / f"shards-{n}-{encoding}"
+    build_shards(get_source("nih").scan(raw), out, source="nih", size=size, workers=1, progress=False, max_count=100,
+                 encoding=encoding)
     return out
 
 
@@ -68,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", help="keep the phantom shards here (default: a temp folder)")
+    p.add_argument("--encoding", choices=("png", "raw"), default="png", help="shard encoding (build --encoding)")
     p.add_argument("--in-memory", action="store_true", help="also measure the in-memory path (stream: off)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--stream", default="on", help=argparse.SUPPRESS)
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="bench_nih14_"))
     rows, memory = [], []
     for n in (a.n, 10 * a.n):
-        shards = build(root, n, a.size)
+        shards = build(root, n, a.size, a.encoding)
         rows.append((n, measure(shards, a.size, a.steps, a.batch_size)))
         if a.in_memory:
             memory.append((n, measure(shards, a.size, a.steps, a.batch_size, stream="off")))

@@ -222,7 +222,7 @@ def load_shards(spec, select: Callable[[dict], object], *, image_size: int, batc
     `make_loader` (default: this process's share under torch.distributed; 0/1 reads everything)."""
     from tqdm import tqdm
 
-    from shards.stream import make_loader
+    from shards.stream import images_to_float, make_loader
 
     urls = shard_urls(spec)
     if keys is not None:
@@ -231,7 +231,8 @@ def load_shards(spec, select: Callable[[dict], object], *, image_size: int, batc
                          num_workers=num_workers, rank=rank, world_size=world_size)
     images, targets, records = [], [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        images.append(images_to_uint8(batch["image"]))
+        x = batch["image"]  # the shards' uint8 as they are (16-bit shards are rounded to 8 bits here)
+        images.append(x if x.dtype == torch.uint8 else images_to_uint8(images_to_float(x)))
         t = batch["target"]
         targets.append(t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
         records.extend(batch["record"])

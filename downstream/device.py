@@ -51,9 +51,10 @@ def autocast(device: torch.device):
 
 
 def to_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [0,255] -> float32 [0,1] on `device`, moving the small uint8 tensor first."""
-    x = x.to(device, non_blocking=True)
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    """uint8 [0,255] (uint16 [0,65535]) -> float32 [0,1] on `device`, moving the small integer tensor first."""
+    from shards.stream import images_to_float
+
+    return images_to_float(x, device)
 
 
 def trial_device(gpus_per_trial: float) -> str:

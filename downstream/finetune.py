@@ -278,7 +278,7 @@ def fit(model: Classifier, train, val, config: dict, *, multiclass: bool,
         _train_mode(model, frozen, linear)
         losses = []
         if streamed and not linear:
-            batches = train.train_batches(bs, steps, seed=int(cfg["seed"]) * 1000 + epoch)
+            batches = train.train_batches(bs, steps, seed=int(cfg["seed"]) * 1000, epoch=epoch)
         else:
             batches = _batches(len(train), y_train, {**cfg, "balance": balance}, gen, multiclass)
         for item in tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
@@ -288,7 +288,7 @@ def fit(model: Classifier, train, val, config: dict, *, multiclass: bool,
                 logits, y = model.head(feats_train[idx]), y_all[idx]
             else:
                 if streamed:
-                    x, y = item[0].to(device, non_blocking=True), item[1].to(device)
+                    x, y = to_float(item[0], device), item[1].to(device)
                 else:
                     x, y = to_float(train.images[item], device), y_all[item.to(device)]
                 x = augment(x, gen=gen, **aug)

@@ -8,7 +8,7 @@ epoch); evaluation its eval mode (every sample once). Predictions come back in i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,9 +25,13 @@ class StreamedSet:
     image_size: int
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    _train: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (settings, loader)
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_train": None}  # a live loader (its worker processes) does not travel
 
     @property
     def targets(self) -> np.ndarray:
@@ -45,13 +49,22 @@ class StreamedSet:
                            epoch_size=epoch_size, num_workers=self.num_workers,
                            shuffle_buffer=self.shuffle_buffer, seed=seed, rank=0, world_size=1)
 
-    def train_batches(self, batch_size: int, steps: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`steps` shuffled full batches (images float [B,1,S,S] in [0,1], targets) of this split."""
-        for batch in self._loader("train", batch_size, epoch_size=steps * batch_size, seed=seed):
+    def train_batches(self, batch_size: int, steps: int, seed: int, epoch: int = 0
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`steps` shuffled full batches (images uint8 [B,1,S,S]: `to_float` on the device; targets) of this split.
+
+        One loader per (batch_size, steps, seed), kept between calls, so its workers persist across epochs;
+        `epoch` picks that epoch's shard and sample order."""
+        settings = (batch_size, steps, seed)
+        if self._train is None or self._train[0] != settings:
+            self._train = (settings, self._loader("train", batch_size, epoch_size=steps * batch_size, seed=seed))
+        loader = self._train[1]
+        loader.set_epoch(epoch)
+        for batch in loader:
             yield batch["image"], _tensor(batch["target"])
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
-        """Every image of the split once: (images, targets, keys)."""
+        """Every image of the split once: (uint8 images, targets, keys)."""
         for batch in self._loader("eval", batch_size):
             yield batch["image"], _tensor(batch["target"]).numpy(), list(batch["key"])
 

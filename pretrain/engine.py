@@ -445,6 +445,8 @@ class Trainer:
         step turns them into the log row, the NaN stop and the wall-clock stop together."""
         from tqdm import tqdm
 
+        from shards.stream import images_to_float
+
         args = self.args
         gen = torch.Generator(device=self.device)
         gen.manual_seed(args.seed * 7919 + self.rank * 104729 + self.step)
@@ -459,13 +461,13 @@ class Trainer:
         if self.probing and self.step == 0:
             self._probe()  # the random-init reference
         self.engine.train()
+        loader = self._train_loader()  # one loader for the run: its workers persist across epochs
         while self.step < args.max_steps and not self.out_of_time:
             n_batches = 0
-            loader = self._train_loader()
             for batch in loader:
                 n_batches += 1
                 self.hooks.on_batch(self, batch)
-                x = batch["image"].to(self.device, non_blocking=True)
+                x = images_to_float(batch["image"], self.device)  # uint8 moved, converted on the device
                 with torch.no_grad():
                     corrupted, target = self.corrupt(x, gen)
                 out = self.engine(corrupted.to(in_dtype))
@@ -562,7 +564,7 @@ class Trainer:
         """Restoration SSIM/PSNR beside the identity, blur and mean-image baselines, and the collapse check
         (pretrain/validation.py); the same corruption at every evaluation."""
         from pretrain.validation import RestorationStats
-        from shards.stream import make_loader
+        from shards.stream import images_to_float, make_loader
 
         mean_image = self._mean_train_image()
         self.engine.eval()
@@ -576,7 +578,7 @@ class Trainer:
         for i, batch in enumerate(loader):
             if cap_rank is not None and seen >= cap_rank:
                 break
-            x = batch["image"].to(self.device)
+            x = images_to_float(batch["image"], self.device)
             if cap_rank is not None:
                 x = x[: cap_rank - seen]
             seen += x.shape[0]
@@ -618,7 +620,7 @@ class Trainer:
         flat answer a collapsed model gives, as a validation baseline."""
         import torch.distributed as dist
 
-        from shards.stream import make_loader
+        from shards.stream import images_to_float, make_loader
 
         if self._mean_image is None:
             size = self.args.image_size
@@ -626,7 +628,7 @@ class Trainer:
             loader = make_loader(self.train_urls, mode="eval", batch_size=self.micro, image_size=size,
                                  num_workers=min(self.args.num_workers, 1), rank=self.rank, world_size=self.world)
             for batch in loader:
-                x = batch["image"].to(self.device).double().reshape(-1, size * size)
+                x = images_to_float(batch["image"], self.device).double().reshape(-1, size * size)
                 acc[0] += x.shape[0]
                 acc[1:] += x.sum(0)
                 if acc[0] * self.world >= MEAN_IMAGE_SAMPLES:

@@ -33,7 +33,8 @@ Where the batched version differs from the reference, and why:
 
 How a call runs: every random decision of the batch is drawn first, as small per-sample tensors (flip axes,
 cell layouts and permutations, lookup tables, boxes). The pixels are then made a chunk of samples at a time:
-the whole batch on a GPU; on CPU ~CPU_CHUNK_PIXELS pixels, so that a chunk's intermediates stay in cache,
+the whole batch on a GPU; on CPU `cpu_chunk_pixels()` pixels, sized from the core's own cache as the OS reports
+it (runkit.cpu: L2 / CHUNK_BYTES_PER_PIXEL), so that a chunk's intermediates stay in cache,
 and painting copies rectangles instead of building a mask. Results do not depend on the chunk size or
 the painting kernel (tests check both). The pretraining entry point also keeps freed memory in the heap
 (`runkit.allocator`): whole-batch tensors otherwise page-fault on every call.
@@ -61,10 +62,25 @@ from runkit.errors import UserError
 # covered ~1.87 times on average. The 2D default keeps that coverage, whatever the image size.
 REFERENCE_BLOCK_COVERAGE = 10_000 * 3.5 * 3.5 * 2.0 / (64 * 64 * 32)
 PERM_TABLE_MAX = 1 << 16
-# CPU: pixels per chunk of samples (a chunk's int32/float intermediates then stay in a core's L2 cache)
-CPU_CHUNK_PIXELS = 1 << 16
+# CPU: a chunk's float/int32 intermediates take about this many bytes per pixel, so a chunk gets
+# (per-core cache) / CHUNK_BYTES_PER_PIXEL pixels. Measured on a 2 MiB-L2 Xeon (benchmarks/bench_transforms.py
+# --chunk-sweep): at 224 px one sample per chunk (50,176 px) runs 13-25 % faster than two, and at 128 px
+# 1..128 samples are within noise, which puts the working set between 21 and 41 bytes per pixel.
+CHUNK_BYTES_PER_PIXEL = 32
+# when the OS does not say (the value a 2 MiB L2 gives)
+DEFAULT_CHUNK_PIXELS = 1 << 16
 # Bezier tables are computed exactly on up to this many bins, then upsampled linearly
 LUT_EXACT_SIZE = 1024
+
+
+@lru_cache(maxsize=1)
+def cpu_chunk_pixels() -> int:
+    """Pixels per CPU chunk on this machine: the cache private to one core (runkit.cpu, read from the OS)
+    over CHUNK_BYTES_PER_PIXEL, or DEFAULT_CHUNK_PIXELS when the OS reports no cache."""
+    from runkit.cpu import core_cache_bytes
+
+    cache = core_cache_bytes()
+    return max(1024, cache // CHUNK_BYTES_PER_PIXEL) if cache else DEFAULT_CHUNK_PIXELS
 
 
 def _floor_frac(dim: int, frac: float) -> int:
@@ -520,7 +536,7 @@ def genesis_batch(x: torch.Tensor, cfg: GenesisConfig | None = None, generator: 
     per-sample decisions is returned as a third element (for tests and plots).
 
     Every random draw is made first, for the whole batch; the pixels are then produced `chunk` samples at
-    a time (default: the whole batch on a GPU, ~CPU_CHUNK_PIXELS pixels on CPU, so that a chunk's
+    a time (default: the whole batch on a GPU, ~`cpu_chunk_pixels()` pixels on CPU, so that a chunk's
     intermediates stay in cache: at 224 px ~20 % faster than whole-batch passes through memory). On CPU
     painting copies rectangles, elsewhere it applies one mask; both give the same result.
     """
@@ -534,7 +550,7 @@ def genesis_batch(x: torch.Tensor, cfg: GenesisConfig | None = None, generator: 
     d = _Draw(generator, x.device)
     cpu = x.device.type == "cpu"
     if chunk is None:
-        chunk = max(1, CPU_CHUNK_PIXELS // (H * W)) if cpu else B
+        chunk = max(1, cpu_chunk_pixels() // (H * W)) if cpu else B
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive number of samples, got {chunk!r}")
 

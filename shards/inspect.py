@@ -47,6 +47,12 @@ def format_counts(manifest: dict) -> str:
     totals = manifest["totals"]
     lines.append(f"total: {totals['samples']} samples, {totals['shards']} shards, {totals['bytes'] / 1e6:.1f} MB, "
                  f"{totals['skipped']} inputs skipped")
+    enc = manifest.get("encoding") or {"name": "png"}  # manifests from before encodings are PNG
+    if enc.get("bytes_per_image"):
+        ratio = f", {enc['bytes_per_pixel_byte']:.2f} bytes per pixel byte" if enc.get("bytes_per_pixel_byte") else ""
+        lines.append(f"encoding: {enc['name']}, {enc['bytes_per_image'] / 1e3:.1f} kB per image on disk{ratio}")
+    else:
+        lines.append(f"encoding: {enc['name']}")
     for reason, n in manifest["skipped_by_reason"].items():
         lines.append(f"  skipped {n}: {reason}")
     dup = manifest.get("duplicates")

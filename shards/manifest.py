@@ -118,6 +118,7 @@ def build_manifest(*, source: str, options: dict, version: str, states: list[dic
         }
     skipped = list(scan_skipped) + [dict(k, stage="build") for s in states for k in s["skipped"]]
     return {
+        "encoding": encoding_cost(options.get("encoding", "png"), states),
         "format": MANIFEST_FORMAT,
         "version": version,
         "source": source,
@@ -133,6 +134,15 @@ def build_manifest(*, source: str, options: dict, version: str, states: list[dic
         "skipped_by_reason": dict(sorted(Counter(reason_kind(s["reason"]) for s in skipped).items())),
         "skipped": skipped,
     }
+
+
+def encoding_cost(encoding: str, states: list[dict]) -> dict:
+    """The image encoding and what it costs on disk: tar bytes per image, and per byte of raw pixels."""
+    samples = sum(s["count"] for s in states)
+    nbytes = sum(s["bytes"] for s in states)
+    pixels = sum(s["pixel_bytes"] for s in states) if all("pixel_bytes" in s for s in states) else 0  # older sidecars
+    return {"name": encoding, "bytes_per_image": round(nbytes / samples, 1) if samples else None,
+            "bytes_per_pixel_byte": round(nbytes / pixels, 4) if pixels else None}
 
 
 def reason_kind(reason: str) -> str:

@@ -17,7 +17,11 @@ shuffle) with the splitting done explicitly, because the defaults are wrong for 
   each next sample with the weights, so the sample mix follows the weights whatever the shard sizes;
   batches are full and their count per rank fixed exactly as above. `loader.realised_mix()` /
   `mix_metrics()` report what was drawn. In eval mode a mixture is the union of its groups.
-- 16-bit shards (`build --bit-depth 16`) decode to uint16 and are scaled by 65535 instead of 255.
+- Encodings: PNG shards (`<key>.png`) are decoded by `decode_png`; raw shards (`build --encoding raw`,
+  `<key>.npy`) are only viewed (`decode_npy`, no copy): several times more images/s per core.
+- Batches carry the stored integers, uint8 (uint16 for `build --bit-depth 16`), stacked once into the
+  batch tensor (in shared memory when a worker makes it); `images_to_float` converts them on the device
+  (/255, /65535). Workers persist across epochs; pixels are pinned when CUDA is available.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import glob
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -34,6 +39,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -261,10 +267,11 @@ def _count_shards(urls: Iterator[dict], stats: _WorkerStats, limit: int) -> Iter
 
 
 def _decode(samples: Iterator[dict], stats: _WorkerStats, select, image_size) -> Iterator[tuple]:
-    """Parse the JSON, apply `select` before decoding the PNG, decode to uint8 HxW, resize."""
+    """Parse the JSON, apply `select` before touching the pixels, decode (PNG) or view (raw .npy) them, resize."""
     for sample in samples:
         url = sample.get("__url__")
-        if "json" not in sample or "png" not in sample:
+        ext = "npy" if "npy" in sample else "png"
+        if "json" not in sample or ext not in sample:
             stats.sample_error(url, f"incomplete sample {sample.get('__key__')} ({', '.join(sorted(sample))})")
             continue
         try:
@@ -279,17 +286,54 @@ def _decode(samples: Iterator[dict], stats: _WorkerStats, select, image_size) ->
                 stats.d["dropped"] += 1
                 continue
         try:
-            image = decode_png(sample["png"])
+            image = decode_npy(sample["npy"]) if ext == "npy" else decode_png(sample["png"])
             if image_size is not None and image.shape != (image_size, image_size):
+                _note_resize(image.shape, image_size)
                 image = _resize(image, image_size)
         except Exception as exn:  # noqa: BLE001 - any decoder failure on hostile bytes is a skip
-            stats.sample_error(url, f"bad png in {sample['__key__']}: {type(exn).__name__}")
+            stats.sample_error(url, f"bad {ext} in {sample['__key__']}: {type(exn).__name__}")
             continue
         stats.since_sample = 0
         yield image, target, sample["__key__"], record
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"  # format 1.0, as shards.writer.encode_npy writes it
+_NPY_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+
+
+@lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape from a .npy 1.0 header (a shard's samples share one: parsed once, then cached)."""
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header))  # magic already read
+    if fortran or len(shape) != 2 or dtype not in _NPY_DTYPES or not 0 < shape[0] * shape[1] <= _MAX_PIXELS:
+        raise ValueError(f"npy holds {dtype} {shape}{' (Fortran order)' if fortran else ''}; want 2-D uint8/uint16")
+    return dtype, shape
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """HxW uint8 (uint16) from a raw shard's `.npy` bytes: a read-only view of `data`, no copy, no pickle."""
+    if not data.startswith(_NPY_MAGIC) or len(data) < 10:
+        raise ValueError("not a .npy 1.0 array")
+    (n,) = struct.unpack_from("<H", data, 8)
+    dtype, shape = _npy_header(bytes(data[8:10 + n]))
+    count = shape[0] * shape[1]
+    if len(data) != 10 + n + count * dtype.itemsize:
+        raise ValueError(f"npy data has {len(data) - 10 - n} bytes for {dtype} {shape}")
+    return np.frombuffer(data, dtype, count, 10 + n).reshape(shape)
+
+
+_resize_noted = False
+
+
+def _note_resize(shape: tuple, size: int) -> None:
+    """Say once per process that samples are resized per sample on the CPU (store at the training size)."""
+    global _resize_noted
+    if not _resize_noted:
+        _resize_noted = True
+        log.warning("shards stored at %sx%s px are resized to %d px per sample on the CPU, every epoch; that "
+                    "costs about as much as decoding a PNG (benchmarks/bench_shards.py): build them with --size %d",
+                    shape[0], shape[1], size, size)
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -301,11 +345,14 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """uint8 HxW from PNG bytes: a fast path for what shards.writer writes, PIL for anything else.
+    """uint8 HxW from PNG bytes: the fast path for what shards.writer writes; PIL only for other layouts.
 
-    Decoding is most of the reader's CPU time, paid every epoch. The writer's PNGs are 8-bit gray
-    with the Up filter on every row, so un-filtering is one cumulative sum mod 256 (~2x faster than
-    PIL). The zlib stream must end exactly at h*(w+1) bytes with its Adler-32 checked, or it raises.
+    Decoding is most of a PNG reader's CPU time, paid every epoch. The writer's PNGs are 8-bit gray
+    with the Up filter on every row, so un-filtering is one cumulative sum mod 256. benchmarks/bench_shards.py
+    measures it against torchvision.io.decode_png (libpng) and PIL on the same shards: it is the fastest of the
+    three here (docs/RESULTS.md), so it is the one decoder of shards; PIL remains for PNGs in layouts the writer
+    never makes (other filters, palettes), for correctness only. The zlib stream must end exactly at
+    h*(w+1) bytes with its Adler-32 checked, or it raises.
     """
     image = _decode_up_png(data)
     if image is not None:
@@ -354,17 +401,68 @@ def _decode_up_png(data: bytes) -> np.ndarray | None:
     return out if depth == 8 else out.view(">u2").astype(np.uint16)
 
 
-def _batches(samples: Iterator[tuple], size: int, partial: bool, stats: _WorkerStats) -> Iterator[tuple]:
-    """Yield (list of samples, stats delta); a final ([], delta) carries errors after the last batch."""
+@dataclass
+class _Piece:
+    """What a reader hands the loader: one batch (in eval mode maybe part of one) and its stats delta.
+
+    `image` is uint8 (uint16) [b,1,H,W], filled in place from the decoded samples (in a DataLoader worker
+    straight into shared memory, so it reaches the main process without another copy). `pin_memory` pins
+    the pixels only (DataLoader's pin thread would otherwise walk every record).
+    """
+    image: torch.Tensor | None
+    targets: list
+    keys: list
+    records: list
+    groups: list | None
+    stats: dict
+
+    def pin_memory(self, device=None):
+        if self.image is not None:
+            self.image = self.image.pin_memory()
+        return self
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _stack(images: list[np.ndarray]) -> torch.Tensor:
+    """[b,1,H,W] from HxW arrays: one copy, into shared memory when in a DataLoader worker (as default_collate)."""
+    first = images[0]
+    if any(im.shape != first.shape for im in images):
+        shapes = sorted({im.shape for im in images})
+        raise UserError(f"one batch holds images of sizes {shapes[:3]}: give image_size to resize them")
+    dtype = torch.uint16 if first.dtype == np.uint16 else torch.uint8
+    shape = (len(images), 1, *first.shape)
+    proto = torch.empty(0, dtype=dtype)
+    if get_worker_info() is not None:
+        storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+        out = proto.new(storage).view(shape)
+    else:
+        out = torch.empty(shape, dtype=dtype)
+    view = out.numpy()
+    for i, im in enumerate(images):
+        view[i, 0] = im
+    return out
+
+
+def _piece(samples: list[tuple], stats: dict) -> _Piece:
+    if not samples:
+        return _Piece(None, [], [], [], None, stats)
+    return _Piece(_stack([s[0] for s in samples]), [s[1] for s in samples], [s[2] for s in samples],
+                  [s[3] for s in samples], [s[4] for s in samples] if len(samples[0]) > 4 else None, stats)
+
+
+def _batches(samples: Iterator[tuple], size: int, partial: bool, stats: _WorkerStats) -> Iterator[_Piece]:
+    """Yield pieces of `size` samples; a final empty piece carries errors after the last batch."""
     batch: list = []
     for s in samples:
         batch.append(s)
         if len(batch) == size:
-            yield batch, stats.delta()
+            yield _piece(batch, stats.delta())
             batch = []
     if batch and partial:
-        yield batch, stats.delta()
-    yield [], stats.delta()
+        yield _piece(batch, stats.delta())
+    yield _piece([], stats.delta())
 
 
 class ShardStream(IterableDataset):
@@ -377,20 +475,26 @@ class ShardStream(IterableDataset):
         self.urls, self.mode, self.batch_size = urls, mode, batch_size
         self.select, self.image_size, self.shuffle_buffer = select, image_size, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0  # set by StreamLoader before each epoch; workers are re-created per epoch
+        # The epoch the next __iter__ streams. StreamLoader sets it before workers start; a persistent
+        # worker's copy then counts on by itself, one __iter__ per epoch (StreamLoader keeps them in step).
+        self.epoch = 0
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stats = _WorkerStats()
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self._stream(worker, num_workers, stats, epoch)
+
+    def _stream(self, worker: int, num_workers: int, stats: _WorkerStats, epoch: int):
         if self.groups:
-            decoded = self._mixed(worker, stats)
+            decoded = self._mixed(worker, stats, epoch)
             if self.shuffle_buffer > 1:
-                rng = random.Random(_seed(self.seed, self.rank, worker, self.epoch, 1))
+                rng = random.Random(_seed(self.seed, self.rank, worker, epoch, 1))
                 decoded = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(decoded)
             return _batches(decoded, self.batch_size, partial=False, stats=stats)
         if self.mode == "train":
-            worker_seed = _seed(self.seed, self.rank, worker, self.epoch)
+            worker_seed = _seed(self.seed, self.rank, worker, epoch)
             urls = wds.ResampledShards(self.urls, seed=self.seed, worker_seed=lambda: worker_seed,
                                        deterministic=True)
             urls = _count_shards(iter(urls), stats, limit=max(100, 10 * len(self.urls)))
@@ -405,13 +509,13 @@ class ShardStream(IterableDataset):
             samples = _stride(samples, me, slots)
         decoded = _decode(samples, stats, self.select, self.image_size)
         if self.mode == "train" and self.shuffle_buffer > 1:
-            rng = random.Random(_seed(self.seed, self.rank, worker, self.epoch, 1))
+            rng = random.Random(_seed(self.seed, self.rank, worker, epoch, 1))
             decoded = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(decoded)
         return _batches(decoded, self.batch_size, partial=self.mode == "eval", stats=stats)
 
 
-    def _group_samples(self, gi: int, group: MixGroup, worker: int, stats: _WorkerStats) -> Iterator[tuple]:
-        worker_seed = _seed(self.seed, self.rank, worker, self.epoch, 100 + gi)
+    def _group_samples(self, gi: int, group: MixGroup, worker: int, stats: _WorkerStats, epoch: int) -> Iterator[tuple]:
+        worker_seed = _seed(self.seed, self.rank, worker, epoch, 100 + gi)
         urls = wds.ResampledShards(list(group.urls), seed=self.seed, worker_seed=lambda: worker_seed,
                                    deterministic=True)
         urls = _count_shards(iter(urls), stats, limit=max(100, 10 * len(group.urls)))
@@ -420,11 +524,11 @@ class ShardStream(IterableDataset):
                                                   self.select, self.image_size):
             yield image, target, key, record, group.name
 
-    def _mixed(self, worker: int, stats: _WorkerStats) -> Iterator[tuple]:
+    def _mixed(self, worker: int, stats: _WorkerStats, epoch: int) -> Iterator[tuple]:
         """The next sample comes from group g with probability weight(g): an endless, seeded stream."""
-        streams = [self._group_samples(i, g, worker, stats) for i, g in enumerate(self.groups)]
+        streams = [self._group_samples(i, g, worker, stats, epoch) for i, g in enumerate(self.groups)]
         weights = [g.weight for g in self.groups]
-        rng = random.Random(_seed(self.seed, self.rank, worker, self.epoch, 2))
+        rng = random.Random(_seed(self.seed, self.rank, worker, epoch, 2))
         order = list(range(len(streams)))
         while True:
             yield next(streams[rng.choices(order, weights)[0]])
@@ -435,16 +539,24 @@ def _identity(x):
 
 
 class StreamLoader:
-    """Iterable over dict batches; `stats` counts what was skipped, `len()` is the train epoch length."""
+    """Iterable over dict batches; `stats` counts what was skipped, `len()` is the train epoch length.
 
-    def __init__(self, dataset: ShardStream, *, num_workers: int, batches_per_epoch: int | None):
+    Batches hold `image` as the stored integers, uint8 (uint16 for 16-bit shards) [B,1,H,W]: 4x fewer
+    bytes to move than float; `images_to_float` converts them on the device. With workers, the workers
+    persist across epochs (no re-spawn, re-import and re-open per epoch); with `pin_memory` the pixels are
+    pinned by the DataLoader's pin thread, so `.to(cuda, non_blocking=True)` is an asynchronous copy.
+    """
+
+    def __init__(self, dataset: ShardStream, *, num_workers: int, batches_per_epoch: int | None,
+                 pin_memory: bool = False):
         self.dataset = dataset
         self.num_workers = num_workers
         self.batches_per_epoch = batches_per_epoch
+        self.pin_memory = pin_memory
         self.stats = StreamStats()
         self.epoch = 0
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                                  persistent_workers=False)
+        self._loader = None
+        self._next_worker_epoch = None  # the epoch that live persistent workers stream next
 
     def set_epoch(self, epoch: int) -> None:
         """The next iteration is epoch `epoch` (shard and sample order derive from it): for resuming."""
@@ -464,24 +576,36 @@ class StreamLoader:
             raise TypeError("an eval-mode loader has no fixed length; it yields every sample once")
         return self.batches_per_epoch
 
+    def _epoch_loader(self) -> DataLoader:
+        """The DataLoader for epoch `self.epoch`: the live one when its workers stream exactly that epoch next."""
+        if self._loader is None or (self.num_workers > 0 and self._next_worker_epoch != self.epoch):
+            self._loader = None  # joins the old workers (set_epoch jumped)
+            self.dataset.epoch = self.epoch  # copied into the workers as they start
+            self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                      collate_fn=_identity, persistent_workers=self.num_workers > 0,
+                                      pin_memory=self.pin_memory)
+        self.dataset.epoch = self.epoch  # num_workers=0 iterates this very object
+        self._next_worker_epoch = self.epoch + 1
+        return self._loader
+
     def __iter__(self) -> Iterator[dict]:
-        self.dataset.epoch = self.epoch
+        loader = self._epoch_loader()
         self.epoch += 1
         select = self.dataset.select is not None
         if self.batches_per_epoch is not None:
-            yield from self._train_epoch(select)
+            yield from self._train_epoch(loader, select)
         else:
-            yield from self._eval_epoch(select)
+            yield from self._eval_epoch(loader, select)
         if self.stats.skipped:
             log.warning("shard stream: %d samples so far, skipped %d (shard errors %d, sample errors %d)",
                         self.stats.samples, self.stats.skipped, self.stats.shard_errors, self.stats.sample_errors)
 
-    def _emit(self, samples: list, select: bool) -> dict:
-        self.stats.samples += len(samples)
+    def _emit(self, piece: _Piece, select: bool) -> dict:
+        self.stats.samples += len(piece)
         self.stats.batches += 1
-        if samples and len(samples[0]) > 4:
-            self.stats.mix.update(s[4] for s in samples)
-        return collate(samples, select)
+        if piece.groups:
+            self.stats.mix.update(piece.groups)
+        return collate(piece, select)
 
     def realised_mix(self) -> dict[str, dict]:
         """Per mixture group: samples this rank has yielded, their fraction, and the target weight.
@@ -497,14 +621,14 @@ class StreamLoader:
         """Flat metrics for a log row: `mix/<group>` = realised fraction on this rank; {} when unmixed."""
         return {f"mix/{name}": round(v["fraction"], 4) for name, v in self.realised_mix().items()}
 
-    def _train_epoch(self, select: bool) -> Iterator[dict]:
+    def _train_epoch(self, loader: DataLoader, select: bool) -> Iterator[dict]:
         done = 0
-        it = iter(self._loader)
+        it = iter(loader)
         try:
-            for samples, delta in it:
-                self.stats.merge(delta)
-                if samples:
-                    yield self._emit(samples, select)
+            for piece in it:
+                self.stats.merge(piece.stats)
+                if len(piece):
+                    yield self._emit(piece, select)
                     done += 1
                     if done == self.batches_per_epoch:
                         return
@@ -512,37 +636,77 @@ class StreamLoader:
             del it
         raise RuntimeError(f"train stream ended after {done} of {self.batches_per_epoch} batches")
 
-    def _eval_epoch(self, select: bool) -> Iterator[dict]:
-        buf: list = []
-        for samples, delta in self._loader:
-            self.stats.merge(delta)
-            buf.extend(samples)
-            while len(buf) >= self.dataset.batch_size:
-                yield self._emit(buf[: self.dataset.batch_size], select)
-                buf = buf[self.dataset.batch_size:]
-        if buf:
-            yield self._emit(buf, select)
+    def _eval_epoch(self, loader: DataLoader, select: bool) -> Iterator[dict]:
+        """Workers' pieces re-cut into batches of exactly batch_size (the last may be partial); a full piece
+        passes through untouched, only the workers' partial last pieces are joined (one copy)."""
+        size = self.dataset.batch_size
+        buf: list[_Piece] = []
+        held = 0
+        for piece in loader:
+            self.stats.merge(piece.stats)
+            if not len(piece):
+                continue
+            buf.append(piece)
+            held += len(piece)
+            while held >= size:
+                out, buf = _take(buf, size, self.pin_memory)
+                held -= size
+                yield self._emit(out, select)
+        if held:
+            yield self._emit(_take(buf, held, self.pin_memory)[0], select)
 
 
-def collate(samples: list[tuple], select: bool = True) -> dict[str, Any]:
-    """(uint8 HxW, target, key, record[, group]) samples -> {"image": float [B,1,H,W] in [0,1], ...}.
+def _take(pieces: list[_Piece], n: int, pin: bool) -> tuple[_Piece, list[_Piece]]:
+    """The first n samples of `pieces` as one piece, and the rest."""
+    if len(pieces[0]) == n:
+        return pieces[0], pieces[1:]
+    out, rest, need = [], list(pieces), n
+    while need:
+        p = rest.pop(0)
+        if len(p) > need:
+            rest.insert(0, _Piece(p.image[need:], p.targets[need:], p.keys[need:], p.records[need:],
+                                  p.groups[need:] if p.groups else None, {}))
+            p = _Piece(p.image[:need], p.targets[:need], p.keys[:need], p.records[:need],
+                       p.groups[:need] if p.groups else None, {})
+        out.append(p)
+        need -= len(p)
+    image = torch.cat([p.image for p in out])
+    joined = _Piece(image.pin_memory() if pin else image, [t for p in out for t in p.targets],
+                    [k for p in out for k in p.keys], [r for p in out for r in p.records],
+                    [g for p in out for g in p.groups] if out[0].groups else None, {})
+    return joined, rest
 
-    uint16 images (16-bit shards) are divided by 65535. Mixture samples add "group" (names per sample).
+
+def collate(piece: _Piece, select: bool = True) -> dict[str, Any]:
+    """A piece -> {"image": uint8 (uint16) [B,1,H,W], "target", "key", "record"[, "group"]}.
+
+    Targets go through torch's default_collate when `select` gave them (else None). Mixture batches add
+    "group" (the group name per sample). `images_to_float` turns "image" into [0,1] floats.
     """
-    stacked = np.stack([s[0] for s in samples])
-    if stacked.dtype == np.uint16:
-        images = torch.from_numpy(stacked.astype(np.float32)).unsqueeze(1).div_(65535.0)
-    else:
-        images = torch.from_numpy(stacked).unsqueeze(1).float().div_(255.0)
     out = {
-        "image": images,
-        "target": default_collate([s[1] for s in samples]) if select else None,
-        "key": [s[2] for s in samples],
-        "record": [s[3] for s in samples],
+        "image": piece.image,
+        "target": default_collate(piece.targets) if select else None,
+        "key": piece.keys,
+        "record": piece.records,
     }
-    if len(samples[0]) > 4:
-        out["group"] = [s[4] for s in samples]
+    if piece.groups:
+        out["group"] = piece.groups
     return out
+
+
+_INTEGER_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
+
+
+def images_to_float(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """A batch's integer images -> float32 in [0, 1] on `device`: the integers move (non-blocking from
+    pinned memory), then are converted there. Float input is only moved and cast."""
+    if images.dtype == torch.uint16 and device is not None and torch.device(device).type != "cpu":
+        # uint16 has only bare-bones kernels off the CPU: move the bits as int16, widen there
+        x = images.view(torch.int16).to(device, non_blocking=True).int().bitwise_and_(0xFFFF)
+        return x.float().div_(65535.0)
+    x = images if device is None else images.to(device, non_blocking=True)
+    scale = _INTEGER_SCALE.get(x.dtype)
+    return x.float().div_(scale) if scale else x.float()
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -559,7 +723,8 @@ def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[i
 def make_loader(urls: str | Iterable[str], *, mode: str, batch_size: int,
                 select: Callable[[dict], Any] | None = None, image_size: int | None = None,
                 epoch_size: int | None = None, num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0,
-                rank: int | None = None, world_size: int | None = None) -> StreamLoader:
+                rank: int | None = None, world_size: int | None = None,
+                pin_memory: bool | None = None) -> StreamLoader:
     """Stream shards as dict batches {"image", "target", "key", "record"}; see the module docstring.
 
     `urls` is a plain shard spec or a mixture (`parse_mixture`: `nih=0.5:'A/*.tar' chexpert=0.5:'B/*.tar'`);
@@ -568,7 +733,8 @@ def make_loader(urls: str | Iterable[str], *, mode: str, batch_size: int,
     `select(record_json)` returns the target or None to drop the sample; with select=None every sample
     is kept and "target" is None. `image_size` resizes (bilinear) to a square; None keeps the stored
     size (which must then be uniform). With num_workers > 0 and a spawn start method, `select` must be
-    picklable (a module-level function).
+    picklable (a module-level function). `image` is uint8 (uint16 for 16-bit shards): convert with
+    `images_to_float(batch["image"], device)`. `pin_memory` (default: when CUDA is available) pins it.
     """
     if mode not in MODES:
         raise UserError(f"mode {mode!r}: want one of {MODES}")
@@ -594,7 +760,9 @@ def make_loader(urls: str | Iterable[str], *, mode: str, batch_size: int,
                             f"({world_size} x {batch_size}); no full batch per rank")
     dataset = ShardStream(url_list, mode=mode, batch_size=batch_size, select=select, image_size=image_size,
                           shuffle_buffer=shuffle_buffer, seed=seed, rank=rank, world_size=world_size, groups=groups)
-    return StreamLoader(dataset, num_workers=num_workers, batches_per_epoch=batches)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return StreamLoader(dataset, num_workers=num_workers, batches_per_epoch=batches, pin_memory=pin_memory)
 
 
 def shard_paths(folder: str | Path, split: str) -> list[str]:

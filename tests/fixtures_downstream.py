@@ -107,6 +107,20 @@ def nih_shards(tmp_path_factory) -> Path:
     return _CACHE["nih"]
 
 
+def nih_raw_shards(tmp_path_factory) -> Path:
+    """The same NIH phantoms as `nih_shards`, built by the CLI as raw shards (`--encoding raw`: uint8 `.npy`)."""
+    if "nih_raw" not in _CACHE:
+        from shards.__main__ import main
+
+        nih_shards(tmp_path_factory)
+        root = tmp_path_factory.getbasetemp() / "downstream-nih"
+        out = root / "shards-raw"
+        assert main(["build", "nih", "--src", str(root / "raw" / "nih"), "--out", str(out), "--size", str(SIZE),
+                     "--max-count", "12", "--workers", "1", "--no-progress", "--encoding", "raw"]) == 0
+        _CACHE["nih_raw"] = out
+    return _CACHE["nih_raw"]
+
+
 def patient_ids(records, idx) -> set[str]:
     """Patients of `records[idx]`, read from the records themselves (not through any `groups` property)."""
     return {f"{records[i]['source']}:{records[i]['patient_id']}" for i in idx}

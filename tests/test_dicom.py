@@ -148,11 +148,11 @@ def _with_transfer_syntax(data: bytes, uid: str) -> bytes:
 
 
 def test_16_bit_shards_round_trip_through_the_stream(tmp_path):
-    """--bit-depth 16: 16-bit PNGs in the shards, decoded to uint16 and scaled by 65535 by the reader."""
+    """--bit-depth 16: 16-bit PNGs in the shards, decoded to uint16 and scaled by 65535 by images_to_float."""
     import tarfile
 
     from shards.sources import get_source
-    from shards.stream import decode_png, make_loader
+    from shards.stream import decode_png, images_to_float, make_loader
     from shards.synth_sources import synth_vindr
     from shards.writer import build
 
@@ -166,7 +166,7 @@ def test_16_bit_shards_round_trip_through_the_stream(tmp_path):
             png = next(t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png"))
         assert png[24] == 16 and decode_png(png).dtype == np.uint16  # IHDR bit depth
     batches = {d: {k: img for b in make_loader(f"{outs[d]}/*.tar", mode="eval", batch_size=4, num_workers=0)
-                   for k, img in zip(b["key"], b["image"])} for d in outs}
+                   for k, img in zip(b["key"], images_to_float(b["image"]))} for d in outs}
     assert batches[8].keys() == batches[16].keys() and len(batches[8]) == 6
     for k, img16 in batches[16].items():
         assert 0 <= float(img16.min()) and float(img16.max()) <= 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fixtures_downstream import nih_shards, phantom_shards
+from fixtures_downstream import nih_raw_shards, nih_shards, phantom_shards
 
 from downstream.data import (
     KeySelect,
@@ -40,20 +40,24 @@ def test_streamed_split_predicts_like_the_in_memory_set(tmp_path_factory):
     np.testing.assert_array_equal(s_targets, part.targets)  # the stream's labels, in index order
     batches = list(streamed.train_batches(batch_size=4, steps=3, seed=0))
     assert len(batches) == 3 and all(x.shape == (4, 1, 32, 32) for x, _ in batches)
+    loader = streamed._train[1]  # kept for the next epoch (its workers, if any, persist)
+    again = list(streamed.train_batches(batch_size=4, steps=3, seed=0, epoch=1))
+    assert streamed._train[1] is loader and len(again) == 3 and loader.epoch == 2
     rec = dict(part.records[0], labels={"findings": []})
     select = KeySelect(findings_target, part.keys)  # what keeps the stream to this split
     assert select(rec) is not None and select({**rec, "key": "not-in-split"}) is None
 
 
 def test_nih14_trains_streamed_and_exports(tmp_path_factory, tmp_path):
+    """On raw shards (`--encoding raw`): the streamed uint8 batches are converted on the training device."""
     from downstream.backbones import load_backbone
     from downstream.nih14 import train_nih14, write_outputs
 
-    res = train_nih14({"shards": [str(nih_shards(tmp_path_factory))], "backbone": "scratch:resnet18",
+    shards = str(nih_raw_shards(tmp_path_factory))
+    res = train_nih14({"shards": [shards], "backbone": "scratch:resnet18",
                        "image_size": 32, "epochs": 1, "batch_size": 8, "progress": False, "resplit": True,
                        "bn_recalibrate": 2, "device": "cpu"})
-    assert res["streamed"] and sum(res["counts"].values()) == len(scan_index(str(nih_shards(tmp_path_factory)),
-                                                                               findings_target))
+    assert res["streamed"] and sum(res["counts"].values()) == len(scan_index(shards, findings_target)) == 72
     assert np.isfinite(res["history"][0]["train_loss"]) and "mean_auroc" in res["test"]
     files = write_outputs(res, tmp_path / "nih14")
     bb = load_backbone(files["backbone_spec"])

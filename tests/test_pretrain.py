@@ -38,10 +38,13 @@ def _phantom(rng: np.random.Generator, size: int) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def make_shards(out: Path, *, n_train_shards=8, per_shard=8, n_val=12, size=64, seed=0) -> dict[str, str]:
-    """Tiny shard folder in the project's format (`<key>.png` + `<key>.json`)."""
+def make_shards(out: Path, *, n_train_shards=8, per_shard=8, n_val=12, size=64, seed=0,
+                encoding="png") -> dict[str, str]:
+    """Tiny shard folder in the project's format (`<key>.png` or, raw, `<key>.npy`, + `<key>.json`)."""
     import webdataset as wds
     from PIL import Image
+
+    from shards.writer import encode_npy
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,10 +52,15 @@ def make_shards(out: Path, *, n_train_shards=8, per_shard=8, n_val=12, size=64, 
     def write(path, keys, split):
         with wds.TarWriter(str(path)) as tw:
             for key in keys:
-                buf = io.BytesIO()
-                Image.fromarray(_phantom(rng, size), mode="L").save(buf, format="PNG")
+                img = _phantom(rng, size)
                 rec = {"key": key, "source": "phantom", "patient_id": key, "view": "PA", "split": split,
                        "labels": {"diagnosis": None, "findings": [], "severity": None}, "meta": {}}
+                if encoding == "raw":
+                    rec["pixels"] = {"shape": list(img.shape), "dtype": "uint8"}
+                    tw.write({"__key__": key, "npy": encode_npy(img), "json": json.dumps(rec).encode()})
+                    continue
+                buf = io.BytesIO()
+                Image.fromarray(img, mode="L").save(buf, format="PNG")
                 tw.write({"__key__": key, "png": buf.getvalue(), "json": json.dumps(rec).encode()})
 
     for s in range(n_train_shards):
@@ -280,7 +288,8 @@ def _inproc_args(tmp_path, shards, *extra):
 def test_loop_reads_the_device_only_at_sync_steps_and_accumulation_logs_effective_batch(tmp_path, monkeypatch):
     """Gradient accumulation 2 on one process: 12 micro-steps make 6 optimizer steps. The loop's own code
     (pretrain/engine.py) makes no host read (item, tolist, bool/float/int of a tensor) and no collective
-    except at the sync steps, here the log steps 3 and 6 (6 is also the checkpoint and last step)."""
+    except at the sync steps, here the log steps 3 and 6 (6 is also the checkpoint and last step).
+    On raw shards (uint8 `.npy`, stored at the training size): the uint8 batch is converted on the device."""
     import torch
     import torch.distributed as dist
 
@@ -289,7 +298,7 @@ def test_loop_reads_the_device_only_at_sync_steps_and_accumulation_logs_effectiv
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    shards = make_shards(tmp_path / "shards", n_train_shards=4)
+    shards = make_shards(tmp_path / "shards", n_train_shards=4, size=32, encoding="raw")
     ds = tmp_path / "ds_accum.json"
     ds.write_text(json.dumps({**json.loads((REPO / "launch/configs/ds_cpu.json").read_text()),
                               "gradient_accumulation_steps": 2}))

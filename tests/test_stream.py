@@ -17,7 +17,7 @@ from PIL import Image
 from test_writer import fake_build, make_fake_src
 
 from runkit.errors import UserError
-from shards.stream import decode_png, expand_urls, make_loader, shard_paths
+from shards.stream import decode_png, expand_urls, images_to_float, make_loader, shard_paths
 from shards.writer import encode_png
 
 
@@ -88,8 +88,9 @@ def test_train_mode_equal_full_batches_on_every_rank(shard_dir, monkeypatch, via
         assert all(b["image"].shape == (4, 1, 32, 32) for b in batches)
         counts.append(len(batches))
     assert counts == [6, 6]
-    img = batches[0]["image"]
-    assert img.dtype == torch.float32 and 0.0 <= img.min() and img.max() <= 1.0
+    img = batches[0]["image"]  # the stored integers: converted on the device by images_to_float
+    assert img.dtype == torch.uint8 and images_to_float(img).dtype == torch.float32
+    assert torch.equal(images_to_float(img), img.float() / 255.0)
     assert batches[0]["target"] is None and len(batches[0]["record"]) == 4
 
 
