@@ -1,18 +1,29 @@
-"""Which DeepSpeed checkpoint tags are complete, and pruning old ones.
+"""Which DeepSpeed checkpoint tags are complete, pruning old ones, and surviving a failed write.
 
-DeepSpeed writes a tag folder, then a `latest` file; a kill -9 between files (or a full disk) can leave a
-tag folder that looks present but is not loadable. After every rank's `save_checkpoint` returns and a
-barrier passes, rank 0 writes `<tag>/COMPLETE.json` listing every file with its size. Resume considers only
-tags whose marker exists and whose files all still have those sizes, newest first; `latest` is ignored.
+DeepSpeed writes a tag folder file by file; a kill -9 between files (or a full disk) can leave a tag folder
+that looks present but is not loadable. After every rank's `save_checkpoint` returns and a barrier passes,
+rank 0 writes `<tag>/COMPLETE.json` listing every file with its size, then `latest` (DeepSpeed is asked
+not to write its own, which it would write before the marker). Resume considers only tags whose marker
+exists and whose files all still have those sizes, newest first; `latest` is ignored.
+
+A write that fails inside DeepSpeed's save (`catch_write_errors`) is recorded instead of raised, so the
+failing rank still takes part in the rest of the save's collectives and the ranks can agree to skip it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 from pathlib import Path
 
-from runkit.atomic import atomic_write_json
+from runkit.atomic import atomic_write_json, atomic_write_text
+
+# What a failed file write raises: OSError from Python's own writes (ENOSPC, EIO, EFBIG, ...) and
+# RuntimeError from torch.save's C++ zip writer ("PytorchStreamWriter failed writing file ...",
+# "unexpected pos ...", "write(): fd N failed with ...") -- the latter is what a full disk gives
+# inside DeepSpeed's default (zip) serialization.
+WRITE_ERRORS = (OSError, RuntimeError)
 
 MARKER = "COMPLETE.json"
 _TAG = re.compile(r"^step_(\d+)$")
@@ -34,7 +45,9 @@ def mark_complete(ckpt_dir: str | Path, tag: str, info: dict) -> Path:
              if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
     if not files:
         raise OSError(f"checkpoint {d} holds no files")
-    return atomic_write_json(d / MARKER, {**info, "tag": tag, "files": files})
+    marker = atomic_write_json(d / MARKER, {**info, "tag": tag, "files": files})
+    atomic_write_text(Path(ckpt_dir) / "latest", tag)  # for DeepSpeed's own tools (zero_to_fp32.py)
+    return marker
 
 
 def verify(ckpt_dir: str | Path, tag: str) -> dict | None:
@@ -96,3 +109,43 @@ def remove_partial(ckpt_dir: str | Path, tag: str) -> None:
     p = Path(ckpt_dir) / tag
     if p.is_dir() and verify(ckpt_dir, tag) is None:
         shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def catch_write_errors(engine):
+    """Around `engine.save_checkpoint` on every rank: yields a list that gets the first write error.
+
+    DeepSpeed's save has collectives after its file writes (a barrier at the end). A write error raised
+    out of it on one rank would send that rank to the next collective of the caller while the others
+    wait in DeepSpeed's barrier: a hang, or collectives paired wrongly. So the writing calls it makes --
+    the checkpoint engine's `save` and `makedirs`, and the recovery-script copy of ZeRO -- record a
+    WRITE_ERRORS instead of raising it and skip the rest of this rank's writes; the save then runs its
+    collectives as on every other rank, and the caller all-reduces whether any rank failed."""
+    errors: list[BaseException] = []
+    patched = []
+
+    def guard(fn):
+        def guarded(*a, **kw):
+            if errors:
+                return None  # this checkpoint is lost already: write nothing more of it
+            try:
+                return fn(*a, **kw)
+            except WRITE_ERRORS as exc:
+                errors.append(exc)
+                return None
+        return guarded
+
+    for obj, name in ((engine.checkpoint_engine, "save"), (engine.checkpoint_engine, "makedirs"),
+                      (engine, "_copy_recovery_script")):
+        fn = getattr(obj, name, None)
+        if fn is not None:
+            patched.append((obj, name, name in vars(obj), fn))
+            setattr(obj, name, guard(fn))
+    try:
+        yield errors
+    finally:
+        for obj, name, shadowed, fn in reversed(patched):
+            if shadowed:
+                setattr(obj, name, fn)
+            else:
+                delattr(obj, name)

@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--debug-keys", default=None, help=argparse.SUPPRESS)
     a("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
     a("--debug-nan-rank", type=int, default=0, help=argparse.SUPPRESS)
-    a("--debug-enospc-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    a("--debug-disk-full-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    a("--debug-disk-full-rank", type=int, default=0, help=argparse.SUPPRESS)
+    a("--debug-pause-at", default=None, help=argparse.SUPPRESS)  # "3,6s": see pretrain.hooks
     a("--debug-step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
-    a("--debug-ckpt-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # see pretrain.hooks
     a("--debug-collapse-at-step", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -222,6 +223,17 @@ def _all_sum(values: list[float], device) -> list[float]:
     if dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def _gather(obj: Any) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a collective)."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return [obj]
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
 
 
 def _broadcast(obj: Any) -> Any:
@@ -386,26 +398,28 @@ class Trainer:
                   f"({self.samples_seen} samples seen)", flush=True)
 
     def save_checkpoint(self) -> bool:
-        """Save on all ranks; rank 0 marks the tag complete after a barrier, then prunes old tags."""
+        """Save on all ranks; rank 0 marks the tag complete after a barrier, then prunes old tags.
+
+        A write error on any rank (ckpt.WRITE_ERRORS) skips the tag on every rank: returns False."""
         import torch.distributed as dist
 
         tag = ckpt.tag_for(self.step)
         client = {"step": self.step, "samples_seen": self.samples_seen, "data_seed": self.args.seed,
                   "best_val_ssim": self.best, "effective_batch": self.effective_batch, "lr": self.lr}
-        failed = 0.0
-        try:
-            with self.hooks.saving(self, tag):
-                self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
-        except OSError as exc:
-            failed = 1.0
-            err = exc
-        if _all_sum([failed], self.device)[0] > 0:
+        # A failed write (full disk, I/O error) is recorded on its rank, not raised, so every rank runs the
+        # rest of DeepSpeed's save, then the ranks agree: one failure skips the checkpoint everywhere.
+        with self.hooks.saving(self, tag), ckpt.catch_write_errors(self.engine) as errors:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        failures = _gather(f"rank {self.rank}: {errors[0]!r}" if errors else None)
+        failures = [f for f in failures if f is not None]
+        if failures:
             if self.rank == 0:
                 ckpt.remove_partial(self.ckpt_dir, tag)
                 prev = ckpt.latest_complete(self.ckpt_dir)
-                msg = f"pretrain: warning: checkpoint {tag} failed ({err if failed else 'on another rank'}); "
-                msg += f"the last complete one is {prev[1]}" if prev else "no complete checkpoint yet"
-                print(msg, file=sys.stderr, flush=True)
+                msg = (f"pretrain: warning: checkpoint {tag} not saved, a write failed ({'; '.join(failures)}); "
+                       f"its partial files are deleted; ")
+                msg += f"the last complete checkpoint is {prev[1]}" if prev else "there is no complete checkpoint yet"
+                print(msg + "; training goes on", file=sys.stderr, flush=True)
             return False
         self.hooks.after_save(self, tag)
         dist.barrier()
@@ -423,15 +437,21 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- training
 
-    def _train_loader(self):
+    def _train_loader(self, consumed: int):
+        """The loader positioned at micro-batch `consumed` of this rank's stream: (its epoch, batches to skip).
+
+        One stream seed per run; the epoch number orders shards and samples (shards.stream), so the stream
+        is a fixed sequence of epochs of `len(loader)` batches and a resumed run continues it exactly where
+        the checkpoint left it. The skipped batches are read and decoded again (at most one epoch's)."""
         from shards.stream import make_loader
 
-        # A fresh stream seed per (run seed, start step): a resumed run does not replay the same samples.
-        data_seed = self.args.seed * 1_000_003 + self.step
-        return make_loader(self.train_urls, mode="train", batch_size=self.micro, image_size=self.args.image_size,
-                           epoch_size=self.args.epoch_size, num_workers=self.args.num_workers,
-                           shuffle_buffer=self.args.shuffle_buffer, seed=data_seed, rank=self.rank,
-                           world_size=self.world)
+        loader = make_loader(self.train_urls, mode="train", batch_size=self.micro, image_size=self.args.image_size,
+                             epoch_size=self.args.epoch_size, num_workers=self.args.num_workers,
+                             shuffle_buffer=self.args.shuffle_buffer, seed=self.args.seed, rank=self.rank,
+                             world_size=self.world)
+        epoch, skip = divmod(consumed, len(loader))
+        loader.set_epoch(epoch)
+        return loader, skip
 
     def _sync_due(self, last: bool) -> bool:
         """Steps at which the host reads the device: logging, validation, checkpoints and the last step."""
@@ -443,13 +463,14 @@ class Trainer:
         """The loop reads nothing back from the device between sync steps (`_sync_due`): the loss, the count
         of non-finite losses and the first bad step accumulate on the device, and one all-reduce at a sync
         step turns them into the log row, the NaN stop and the wall-clock stop together."""
+        import torch.distributed as dist
         from tqdm import tqdm
 
         from shards.stream import images_to_float
 
         args = self.args
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(args.seed * 7919 + self.rank * 104729 + self.step)
+        gen = torch.Generator(device=self.device)  # reseeded per micro-batch from its position (_batch_seed)
+        consumed = self.step * self.accum  # micro-batches this rank has trained on; a checkpoint ends a step
         bar = tqdm(total=args.max_steps, initial=self.step, desc="pretrain", unit="step",
                    disable=self.rank != 0, dynamic_ncols=True, file=sys.stdout)
         acc = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, micro-steps, non-finite count
@@ -461,11 +482,17 @@ class Trainer:
         if self.probing and self.step == 0:
             self._probe()  # the random-init reference
         self.engine.train()
-        loader = self._train_loader()  # one loader for the run: its workers persist across epochs
+        # one loader for the run, positioned where the checkpoint left the stream; it advances its epoch
+        # after each pass, and its workers persist across epochs
+        loader, skip = self._train_loader(consumed)
         while self.step < args.max_steps and not self.out_of_time:
             n_batches = 0
             for batch in loader:
                 n_batches += 1
+                if n_batches <= skip:
+                    continue  # resumed mid-epoch: trained on before the restart
+                gen.manual_seed(_batch_seed(args.seed, self.rank, consumed))
+                consumed += 1
                 self.hooks.on_batch(self, batch)
                 x = images_to_float(batch["image"], self.device)  # uint8 moved, converted on the device
                 with torch.no_grad():
@@ -494,10 +521,11 @@ class Trainer:
                                and time.perf_counter() - t_start > 60 * args.max_minutes)
                 total = _all_reduce_stats(acc, first_bad, out_of_time)
                 if total["bad"] > 0:
-                    self._nan_dump(total, loss, batch, x, corrupted, out)
+                    dump = self._nan_dump(total, loss, batch, x, corrupted, out)
+                    dist.barrier()  # no rank exits (and has the launcher kill the others) before every dump is written
                     raise NonFiniteLoss(f"non-finite loss at step {total['first_bad_step']} on "
                                         f"{int(total['bad'])} micro-step(s) over the ranks (seen at step "
-                                        f"{self.step}); diagnostics in {self.out / 'nan_dump.json'}")
+                                        f"{self.step}); diagnostics in {dump}")
                 dt = time.perf_counter() - t0
                 row = {"loss": total["loss_sum"] / max(1.0, total["micro_steps"]), "lr": lr_used, "peak_lr": self.lr,
                        "images_per_s": imgs / max(dt, 1e-9), "samples_seen": self.samples_seen,
@@ -524,6 +552,7 @@ class Trainer:
                     self.save_checkpoint()
                 if last:
                     break
+            skip = 0  # only the resumed epoch starts part way
             if n_batches == 0:
                 raise UserError(f"the training shards gave no batch of {self.micro} per rank "
                                 f"(--epoch-size {args.epoch_size}, {self.world} ranks)")
@@ -537,7 +566,7 @@ class Trainer:
                   f"of {args.max_steps}", flush=True)
         self._export_final()
 
-    def _nan_dump(self, total: dict, loss, batch, x, corrupted, out) -> None:
+    def _nan_dump(self, total: dict, loss, batch, x, corrupted, out) -> Path:
         """Every rank writes its own view; rank 0's is nan_dump.json, others nan_dump_rank<R>.json."""
         from runkit.atomic import atomic_write_json
 
@@ -555,7 +584,7 @@ class Trainer:
                 "nonfinite_params": [n for n, p in self.engine.module.named_parameters()
                                      if not torch.isfinite(p).all()][:20]}
         name = "nan_dump.json" if self.rank == 0 else f"nan_dump_rank{self.rank}.json"
-        atomic_write_json(self.out / name, dump)
+        return atomic_write_json(self.out / name, dump)
 
     # --------------------------------------------------------------------------------- validation
 
@@ -713,6 +742,12 @@ def scheduler_config(args) -> dict:
     return {"type": "WarmupCosineLR", "params": {
         "total_num_steps": args.max_steps, "warmup_num_steps": min(args.warmup_steps, args.max_steps),
         "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": args.min_lr_ratio}}
+
+
+def _batch_seed(seed: int, rank: int, micro_batch: int) -> int:
+    """The Genesis corruption seed of this rank's micro-batch number `micro_batch`: a function of the position
+    alone, so a resumed run corrupts each batch exactly as the uninterrupted run does."""
+    return ((seed * 1_000_003 + rank) * 2_147_483_659 + micro_batch) % 2 ** 63
 
 
 def _all_reduce_stats(acc: torch.Tensor, first_bad: torch.Tensor, out_of_time: bool) -> dict:

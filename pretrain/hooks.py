@@ -2,18 +2,21 @@
 
 `Hooks` does nothing. `DebugHooks` is what the hidden `--debug-*` flags turn on, for the fault tests:
 per-step sample keys and parameter checksums, optimizer-state checksums at every save and after a resume,
-an injected NaN loss or full disk, a collapsed model (constant output), sleeps to pace the run, and a pause in the middle of a checkpoint save
-so that a test can kill -9 the job there.
+an injected NaN loss on one rank, a real write failure inside DeepSpeed's save on one rank, a collapsed model
+(constant output), and kill points (a pause after a step or in the middle of a checkpoint save) at which a
+test kill -9s the job, so that where a kill lands does not depend on the machine's speed.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
+import re
 import time
 from pathlib import Path
 
 import torch
+
+from runkit.errors import UserError
 
 
 class Hooks:
@@ -57,28 +60,80 @@ def optimizer_checksum(engine) -> dict[str, float]:
     return sums
 
 
+PAUSE_LIMIT_S = 600  # a debug pause that no test ends with a kill exits the rank (code 70) after this
+
+
 class DebugHooks(Hooks):
+    """The hidden `--debug-*` flags (make_hooks): test and fault-injection hooks, never on in a normal run.
+
+    --debug-keys DIR: per-step sample keys, parameter checksums and optimizer checksums in DIR.
+    --debug-nan-at-step N [--debug-nan-rank R]: the loss of step N is NaN on rank R.
+    --debug-disk-full-at-step N [--debug-disk-full-rank R]: rank R's writes of the step-N checkpoint hit a
+      real full file system's refusal: DeepSpeed's own torch.save runs with the process's file-size limit
+      (RLIMIT_FSIZE) at DISK_FULL_BYTES, so the kernel refuses the write past that point and torch raises
+      its real error (`RuntimeError: ... unexpected pos ...`, as for ENOSPC), leaving a partial file.
+    --debug-pause-at "3,6s,8@1": kill points for tests, each taken once per DIR (recorded in
+      DIR/paused_rank<R>.txt, so the same command run again goes past it). "N": every rank stops after the
+      update of step N (before its log row and checkpoint); "Ns": rank 0 stops inside the step-N
+      checkpoint save, after DeepSpeed wrote its first file (the other ranks wait in DeepSpeed's barrier);
+      "@R" makes either point rank R's alone (the others go on to their next collective and wait there).
+      A stopped rank appends the point to its paused file and sleeps until it is killed.
+    --debug-step-sleep S: sleep S seconds after each step.
+    """
+
+    DISK_FULL_BYTES = 64 * 1024
+
     def __init__(self, args):
         self.dir = Path(args.debug_keys) if args.debug_keys else None
         self.nan_at = args.debug_nan_at_step
         self.nan_rank = args.debug_nan_rank
-        self.enospc_at = args.debug_enospc_at_step
+        self.disk_full_at = args.debug_disk_full_at_step
+        self.disk_full_rank = args.debug_disk_full_rank
         self.step_sleep = args.debug_step_sleep
-        self.ckpt_sleep = args.debug_ckpt_sleep
-        self.collapse_at = getattr(args, "debug_collapse_at_step", None)
+        self.collapse_at = args.debug_collapse_at_step
+        self.pauses = _parse_pauses(args.debug_pause_at)
+        if self.pauses and self.dir is None:
+            raise UserError("--debug-pause-at needs --debug-keys DIR (where each pause is recorded)")
+        self._taken: set[str] | None = None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def wanted(args) -> bool:
-        return bool(args.debug_keys or args.debug_nan_at_step is not None or args.debug_enospc_at_step is not None
-                    or args.debug_step_sleep or args.debug_ckpt_sleep
-                    or getattr(args, "debug_collapse_at_step", None) is not None)
+        return bool(args.debug_keys or args.debug_nan_at_step is not None or args.debug_disk_full_at_step is not None
+                    or args.debug_step_sleep or args.debug_pause_at or args.debug_collapse_at_step is not None)
 
     def _append(self, name: str, text: str) -> None:
         if self.dir is not None:
             with open(self.dir / name, "a") as f:
                 f.write(text)
+
+    def _pause_point(self, trainer, where: str) -> str | None:
+        """The kill point of this rank at `where` ("N" or "Ns") not taken yet, if any."""
+        default = trainer.rank == 0 if where.endswith("s") else True
+        for point in ((where,) if default else ()) + (f"{where}@{trainer.rank}",):
+            if point in self.pauses:
+                if self._taken is None:
+                    path = self.dir / f"paused_rank{trainer.rank}.txt"
+                    self._taken = set(path.read_text().split()) if path.exists() else set()
+                if point not in self._taken:
+                    return point
+        return None
+
+    def _pause(self, trainer, point: str | None) -> None:
+        """Stop here until killed (`point` from _pause_point; None: go on)."""
+        if point is None:
+            return
+        path = self.dir / f"paused_rank{trainer.rank}.txt"
+        self._taken.add(point)
+        with open(path, "a") as f:  # recorded first: the test kills once it reads this line
+            f.write(f"{point}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        end = time.monotonic() + PAUSE_LIMIT_S
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        os._exit(70)  # not an exception: inside a save it would pass for a write error
 
     def on_start(self, trainer) -> None:
         if self.dir is not None:
@@ -111,6 +166,8 @@ class DebugHooks(Hooks):
             with torch.no_grad():
                 s = sum(p.detach().double().sum().item() for p in trainer.engine.module.parameters())
             self._append(f"params_rank{trainer.rank}.txt", f"{trainer.step} {s:.12e}\n")
+        if self.pauses:
+            self._pause(trainer, self._pause_point(trainer, str(trainer.step)))
 
     def after_save(self, trainer, tag: str) -> None:
         s = optimizer_checksum(trainer.engine)
@@ -119,28 +176,24 @@ class DebugHooks(Hooks):
 
     @contextlib.contextmanager
     def saving(self, trainer, tag: str):
-        """--debug-enospc-at-step: fail like a disk that fills up half way through the checkpoint.
-        --debug-ckpt-sleep S: on rank 0, after the first file of a checkpoint is written and before the
-        others, DeepSpeed's `latest` and COMPLETE.json, append the tag to ckpt_saving_rank0.txt and sleep S
-        seconds, so that a test can kill -9 the job mid-save."""
-        if self.enospc_at == trainer.step:
-            tag_dir = trainer.ckpt_dir / tag
-            tag_dir.mkdir(parents=True, exist_ok=True)
-            (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 1024)
-            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(tag_dir))
+        """Around DeepSpeed's save (outside the engine's write guard): the disk-full and mid-save pause hooks
+        wrap the checkpoint engine's `save`, the one call that writes each checkpoint file."""
         ce = trainer.engine.checkpoint_engine
-        if not self.ckpt_sleep or trainer.rank != 0:
+        full = self.disk_full_at == trainer.step and trainer.rank == self.disk_full_rank
+        pause = self._pause_point(trainer, f"{trainer.step}s") if self.pauses else None
+        if not (full or pause):
             yield
             return
-        orig, shadowed, paused = ce.save, "save" in vars(ce), False
+        orig, shadowed = ce.save, "save" in vars(ce)
 
         def save(*a, **kw):
-            nonlocal paused
-            result = orig(*a, **kw)
-            if not paused:  # once per checkpoint
-                paused = True
-                self._append("ckpt_saving_rank0.txt", f"{tag}\n")
-                time.sleep(self.ckpt_sleep)
+            if full:
+                with _file_size_limit(self.DISK_FULL_BYTES):
+                    result = orig(*a, **kw)
+            else:
+                result = orig(*a, **kw)
+            if pause:
+                self._pause(trainer, pause)
             return result
 
         ce.save = save
@@ -151,6 +204,31 @@ class DebugHooks(Hooks):
                 ce.save = orig
             else:
                 del ce.save
+
+
+def _parse_pauses(spec: str | None) -> set[str]:
+    points = {p.strip() for p in (spec or "").split(",") if p.strip()}
+    bad = sorted(p for p in points if not re.fullmatch(r"\d+s?(@\d+)?", p))
+    if bad:
+        raise UserError(f"--debug-pause-at: {', '.join(bad)}: want points like 3 (after step 3), 6s (in the "
+                        "step-6 save) or 3@1 (rank 1 only)")
+    return points
+
+
+@contextlib.contextmanager
+def _file_size_limit(nbytes: int):
+    """Writes past `nbytes` of any file fail with EFBIG (SIGXFSZ ignored) while inside; then restored."""
+    import resource
+    import signal
+
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 def make_hooks(args) -> Hooks:

@@ -209,6 +209,58 @@ def test_checkpoint_markers_and_pruning(tmp_path):
     assert sorted(p.name for p in d.iterdir() if p.is_dir()) == [ckpt.tag_for(s) for s in (4, 6, 8)]
     ckpt.remove_partial(d, ckpt.tag_for(8))
     assert not (d / ckpt.tag_for(8)).exists()
+    assert (d / "latest").read_text() == ckpt.tag_for(8)  # mark_complete rewrites it; remove_partial does not
+    ckpt.mark_complete(d, ckpt.tag_for(4), {"step": 4})
+    assert (d / "latest").read_text() == ckpt.tag_for(4)
+
+
+def test_write_errors_inside_a_save_are_recorded_not_raised(tmp_path):
+    """What a failed write does inside DeepSpeed's save (the 2-rank case: test_pretrain_resume.py): the real
+    torch error of a full file system is recorded, the rest of this rank's writes are skipped, the save's
+    own code after its writes still runs, and the patched methods are restored. Other errors propagate."""
+    import resource
+    import signal
+
+    import torch
+
+    class Engine:  # the attributes catch_write_errors wraps, as DeepSpeed's engine has them
+        def __init__(self):
+            self.checkpoint_engine = type("CE", (), {"save": lambda self, sd, path: torch.save(sd, path),
+                                                     "makedirs": lambda self, path, exist_ok=False: None})()
+            self.writes = []
+
+        def _copy_recovery_script(self, path):
+            self.writes.append(path)
+
+        def save_checkpoint(self, d):  # two files, a script copy, then code that must still run (a barrier)
+            self.checkpoint_engine.save({"w": torch.zeros(100_000)}, str(d / "a.pt"))
+            self.checkpoint_engine.save({"w": torch.zeros(10)}, str(d / "b.pt"))
+            self._copy_recovery_script(str(d))
+            self.writes.append("barrier")
+
+    e = Engine()
+    old = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        with ckpt.catch_write_errors(e) as errors:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old[0][1]))  # the kernel refuses past 4 KiB
+            try:
+                e.save_checkpoint(tmp_path)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, old[0])
+    finally:
+        signal.signal(signal.SIGXFSZ, old[1])
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors  # torch's zip writer error
+    assert (tmp_path / "a.pt").stat().st_size == 4096 and not (tmp_path / "b.pt").exists()
+    assert e.writes == ["barrier"]  # the script copy was skipped, the code after the writes ran
+    assert "save" not in vars(e.checkpoint_engine) and "_copy_recovery_script" not in vars(e)  # restored
+
+    e.checkpoint_engine.save = lambda sd, path: (tmp_path / "no" / "such" / "dir").write_bytes(b"x")
+    with ckpt.catch_write_errors(e) as errors:  # OSError: recorded too
+        e.save_checkpoint(tmp_path)
+    assert len(errors) == 1 and isinstance(errors[0], FileNotFoundError) and e.writes[-1] == "barrier"
+    e.checkpoint_engine.save = lambda sd, path: (_ for _ in ()).throw(TypeError("not a write error"))
+    with pytest.raises(TypeError), ckpt.catch_write_errors(e):  # a bug is not a full disk
+        e.checkpoint_engine.save({}, "x")
 
 
 def test_missing_shards_exit_2(tmp_path):
