@@ -91,7 +91,7 @@ def test_online_probes_reference_and_collapse_through_the_training_loop(tmp_path
             "--encoder", "tu-mobilenetv3_small_050", "--image-size", "32", "--batch-size", "8",
             "--epoch-size", "64", "--num-workers", "0", "--lr", "3", "--warmup-steps", "1", "--max-steps", "14",
             "--log-every", "2", "--val-every", "2", "--checkpoint-every", "14", "--probe-every", "6",
-            "--debug-collapse-at-step", "11", "--wandb-mode", "disabled"]
+            "--debug-collapse-at-step", "11", "--collapse-ratio", "0.01", "--wandb-mode", "disabled"]
     assert engine_mod.run(parse_layered(engine_mod.build_parser(), argv)) == 0
     err = capfd.readouterr().err
     rows = read_jsonl(out / "metrics.jsonl")
@@ -114,9 +114,12 @@ def test_online_probes_reference_and_collapse_through_the_training_loop(tmp_path
 
     vals = {r["step"]: r for r in rows if "val/ssim" in r}
     assert sorted(vals) == list(range(2, 15, 2))
-    healthy = [s for s in vals if s <= 10 and vals[s]["val/spread_ratio"] >= 0.05]
-    assert healthy, {s: vals[s]["val/spread_ratio"] for s in vals}  # it did learn to depend on the input
-    assert vals[12]["val/spread_ratio"] < 0.01 and vals[14]["val/spread_ratio"] < 0.01
+    # Measured ratios: 0.0005, 0.018, 0.11, 0.074, 0.089 at steps 2-10, exactly 0 after the collapse. The
+    # threshold is 0.01 here, not the default 0.05: lr 3 is chaotic enough that a healthy step-8 ratio has
+    # dipped under 0.05 on another CPU, and this test is about the detector, not about that margin.
+    ratios = {s: round(vals[s]["val/spread_ratio"], 4) for s in vals}
+    assert all(ratios[s] >= 0.01 for s in (6, 8, 10)), ratios  # it did learn to depend on the input
+    assert ratios[12] < 0.001 and ratios[14] < 0.001, ratios
     assert [s for s in vals if "val/collapse_warning" in vals[s]] == [12]
     assert err.count("warning: restorations have collapsed at step 12") == 1, err[-3000:]
     for v in vals.values():
