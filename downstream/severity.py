@@ -137,17 +137,31 @@ def _scale(x_tr: np.ndarray, *others):
     return [(a - mean) / std for a in (x_tr, *others)]
 
 
+def _thin_svd(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(u [n, r], sv [r], vt [r, d]) of xs over its numerically nonzero singular values, from the eigen-
+    decomposition of the smaller Gram matrix. OpenBLAS's SVD of a 560 x 1024 feature matrix takes 0.4 s
+    here, the 560 x 560 eigh 0.06 s, and a severity run does 13 per split. Singular values below 1e-7 of
+    the largest (where the Gram's rounding dominates) are dropped; ridge gives them weight sv/alpha, ~0."""
+    n, dim = xs.shape
+    gram = xs @ xs.T if n <= dim else xs.T @ xs
+    w, vecs = np.linalg.eigh(gram)
+    keep = w > 1e-14 * max(w.max(initial=0.0), 1e-300)
+    sv, vecs = np.sqrt(w[keep]), vecs[:, keep]
+    if n <= dim:
+        return vecs, sv, (vecs.T @ xs) / sv[:, None]
+    return (xs @ vecs) / sv, sv, vecs.T
+
+
 def ridge_path(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, alphas) -> np.ndarray:
-    """Predictions [A, n_te, T] of standardised ridge (intercept unpenalised) for every alpha, from one SVD:
-    the same model as StandardScaler + sklearn Ridge(alpha)."""
+    """Predictions [A, n_te, T] of standardised ridge (intercept unpenalised) for every alpha, from one
+    thin SVD: the same model as StandardScaler + sklearn Ridge(alpha)."""
     xs, xt = _scale(np.asarray(x_tr, float), np.asarray(x_te, float))
     y = np.asarray(y_tr, float).reshape(len(y_tr), -1)
     y_mean = y.mean(0)
-    u, sv, vt = np.linalg.svd(xs, full_matrices=False)
+    u, sv, vt = _thin_svd(xs)
     uty = u.T @ (y - y_mean)                         # [r, T]
     proj = xt @ vt.T                                  # [n_te, r]
-    a = np.asarray(alphas, float)[:, None]
-    d = np.where(sv > 1e-10 * max(sv.max(initial=0.0), 1e-300), sv / (sv ** 2 + a), 0.0)  # [A, r]
+    d = sv / (sv ** 2 + np.asarray(alphas, float)[:, None])  # [A, r]
     return np.einsum("nr,ar,rt->ant", proj, d, uty) + y_mean
 
 

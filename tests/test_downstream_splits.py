@@ -84,10 +84,14 @@ def test_ridge_path_is_standardised_sklearn_ridge():
     from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(0)
-    x, y, xt = rng.normal(size=(30, 50)), rng.normal(size=(30, 2)), rng.normal(size=(7, 50))
-    for alpha in (0.1, 10.0):
-        ref = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(x, y).predict(xt)
-        np.testing.assert_allclose(ridge_path(x, y, xt, [alpha])[0], ref, rtol=1e-6, atol=1e-8)
+    wide = rng.normal(size=(30, 50))                      # fewer rows than features (the n x n Gram)
+    tall = rng.normal(size=(80, 12))                      # more rows than features (the d x d Gram)
+    dup = np.hstack([tall, tall[:, :4] * 2.0, np.ones((80, 1))])  # rank-deficient, one constant column
+    for x in (wide, tall, dup):
+        y, xt = rng.normal(size=(len(x), 2)), rng.normal(size=(7, x.shape[1]))
+        for alpha in (0.1, 10.0):
+            ref = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(x, y).predict(xt)
+            np.testing.assert_allclose(ridge_path(x, y, xt, [alpha, 1.0])[0], ref, rtol=1e-6, atol=1e-8)
 
 
 def _near_duplicate_patients(patients=40, images=2, dim=60, seed=0):
