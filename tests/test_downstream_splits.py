@@ -137,3 +137,16 @@ def test_one_alpha_skips_the_inner_cv():
     assert res["targets"]["geographic_mean"]["alpha"] == [3.0, 3.0]
     with pytest.raises(Exception, match="hv"):
         fit_severity_head({k: v for k, v in feats.items() if k != "hv"}, y, {"flip": "hv", "repeats": 2}, groups=pid)
+
+
+def test_grouped_ridge_predicts_each_target_with_its_own_alpha():
+    """Two targets whose CV picks different alphas: predict must use each target's own alpha (a predict that
+    used one alpha for both, or swapped them, differs from the per-target ridge)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 8))
+    y = np.stack([x @ rng.normal(size=8), rng.normal(size=60)], 1)  # signal (small alpha) | noise (large)
+    model = GroupedRidge([0.01, 1e4], 5).fit(x, y, np.arange(60) // 2)
+    assert model.alpha_.tolist() == [0.01, 1e4]
+    xt = rng.normal(size=(5, 8))
+    want = np.stack([ridge_path(x, y[:, [t]], xt, [a])[0, :, 0] for t, a in enumerate(model.alpha_)], 1)
+    np.testing.assert_allclose(model.predict(xt), want, rtol=1e-10, atol=1e-12)
